@@ -1,0 +1,5 @@
+"""`python -m memscan` runs the CLI."""
+
+from memscan.cli import main
+
+main()

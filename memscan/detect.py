@@ -1,0 +1,136 @@
+"""`detect`: score every prompt of a file and write one Parquet row per input row.
+
+Library entry point behind `memscan detect`; the CLI only parses flags and prints.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from memscan import __version__
+from memscan.config import DetectSettings, fingerprint
+from memscan.errors import InputError
+from memscan.io.readers import PromptSource
+from memscan.io.scores import (
+    STATUS_OK,
+    STATUS_SKIPPED_EMPTY,
+    check_output_path,
+    scores_schema,
+    to_table,
+    write_scores,
+)
+from memscan.methods import method_for
+from memscan.models.loading import ScoringModel, load_model
+from memscan.scorer import Scorer
+
+
+@dataclass
+class DetectResult:
+    """The scores (one row per input row), the run summary, and where they were written."""
+
+    scores: pd.DataFrame
+    summary: dict[str, Any]
+    output: Path | None
+
+
+def build_scorer(settings: DetectSettings, model: ScoringModel | None = None) -> Scorer:
+    """Load the model (unless given) and set up the method and noise bank once."""
+    if model is None:
+        model = load_model(
+            settings.model, device=settings.device, dtype=settings.dtype,
+            allow_pickle=settings.allow_pickle, architecture=settings.architecture,
+            profile_overrides=settings.profile_overrides(),
+        )
+    else:
+        model = replace(model, profile=model.profile.with_overrides(**settings.profile_overrides()))
+    method = method_for(settings.method, model.profile)
+    return Scorer(
+        model, method, n_noise=settings.n_noise, seed=settings.seed,
+        batch_size=settings.batch_size, threshold=model.profile.threshold,
+    )
+
+
+def score_prompts(
+    prompts: Sequence[str | None],
+    model: ScoringModel | str = "demo",
+    *,
+    n_noise: int = 1,
+    seed: int = 51,
+    batch_size: int = 16,
+    method: str = "anisotropy",
+) -> pd.DataFrame:
+    """Score an in-memory list of prompts; the quickest way in from Python."""
+    settings = DetectSettings(
+        model=model if isinstance(model, str) else model.profile.name, method=method,
+        n_noise=n_noise, seed=seed, batch_size=batch_size,
+    )
+    scorer = build_scorer(settings, None if isinstance(model, str) else model)
+    frame = pd.DataFrame({"prompt_id": [str(i) for i in range(len(prompts))], "prompt": list(prompts)})
+    return scorer.score_frame(frame)
+
+
+def summarize(scores: pd.DataFrame, *, seconds: float, top: int = 10) -> dict[str, Any]:
+    """Counts, rate and the top-scored prompts, as the `--json` summary prints them."""
+    status = scores["status"]
+    ok = scores[status == STATUS_OK]
+    flagged = scores["flagged"]
+    top_rows = ok.sort_values("score", ascending=False, kind="stable").head(top)
+    return {
+        "rows": int(len(scores)),
+        "scored": int(len(ok)),
+        "skipped_empty": int((status == STATUS_SKIPPED_EMPTY).sum()),
+        "failed": int(((status != STATUS_OK) & (status != STATUS_SKIPPED_EMPTY)).sum()),
+        "truncated": int(scores["truncated"].sum()),
+        "flagged": None if flagged.isna().all() else int(flagged.fillna(False).sum()),
+        "seconds": round(seconds, 3),
+        "prompts_per_second": round(len(ok) / seconds, 2) if seconds > 0 else None,
+        "score_min": float(np.min(ok["score"])) if len(ok) else None,
+        "score_max": float(np.max(ok["score"])) if len(ok) else None,
+        "top": [
+            {"prompt_id": r.prompt_id, "score": float(r.score), "prompt": r.prompt}
+            for r in top_rows.itertuples()
+        ],
+    }
+
+
+def detect(
+    input_path: str | Path,
+    output: str | Path | None = None,
+    settings: DetectSettings | None = None,
+    *,
+    model: ScoringModel | None = None,
+    if_exists: str = "fail",
+    top: int = 10,
+) -> DetectResult:
+    """Score every prompt in `input_path` and write the scores to `output` (Parquet).
+
+    The input is read before the model is loaded, so input errors cost nothing."""
+    settings = settings or DetectSettings()
+    output_path = Path(output) if output is not None else None
+    if output_path is not None:
+        check_output_path(output_path, if_exists)
+    source = PromptSource(Path(input_path), prompt_column=settings.prompt_column, id_column=settings.id_column)
+    frame = source.read()
+    if frame.empty:
+        raise InputError(f"{input_path}: no prompts (the file has no rows)")
+    started = time.perf_counter()
+    scorer = build_scorer(settings, model)
+    scores = scorer.score_frame(frame)
+    seconds = time.perf_counter() - started
+    facts = {
+        **scorer.run_facts(), "memscan_version": __version__, "input": str(input_path),
+        "fingerprint": fingerprint(settings, scorer.run_facts()),
+    }
+    if output_path is not None:
+        schema = scores_schema(scorer.method.columns, store_prompt=settings.store_prompt)
+        write_scores(to_table(scores, schema, facts), output_path)
+    summary = {**summarize(scores, seconds=seconds, top=top), "output": str(output_path) if output_path else None,
+               "model": facts["model"], "method": facts["method"], "threshold": scorer.threshold}
+    return DetectResult(scores=scores, summary=summary, output=output_path)

@@ -1,0 +1,91 @@
+"""The scores table: its Arrow schema, run facts in Parquet key-value metadata, atomic writes.
+
+One row per input row, always: scored rows carry numbers, skipped or failed rows carry a
+status and an error message. A shard of a run directory and a single-file output share
+this schema, so merging shards is a concatenation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from memscan.errors import InputError, UsageError
+
+METADATA_KEY = b"memscan"
+STATUS_OK = "ok"
+STATUS_SKIPPED_EMPTY = "skipped_empty"
+STATUS_ERROR = "error"
+STATUS_OOM = "oom"
+STATUS_NONFINITE = "nonfinite"
+STATUSES = (STATUS_OK, STATUS_SKIPPED_EMPTY, STATUS_ERROR, STATUS_OOM, STATUS_NONFINITE)
+
+
+def scores_schema(method_columns: Sequence[str], *, store_prompt: bool = True) -> pa.Schema:
+    """prompt_id, [prompt], the method's float32 columns, flagged, truncated, status, error."""
+    fields = [pa.field("prompt_id", pa.string(), nullable=False)]
+    if store_prompt:
+        fields.append(pa.field("prompt", pa.string()))
+    fields += [pa.field(name, pa.float32()) for name in method_columns]
+    fields += [
+        pa.field("flagged", pa.bool_()),
+        pa.field("truncated", pa.bool_()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+    ]
+    return pa.schema(fields)
+
+
+def to_table(frame: pd.DataFrame, schema: pa.Schema, facts: dict[str, Any] | None = None) -> pa.Table:
+    """The frame as an Arrow table of `schema`, with `facts` as JSON metadata."""
+    table = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
+    if facts is not None:
+        table = table.replace_schema_metadata({METADATA_KEY: json.dumps(facts, sort_keys=True).encode()})
+    return table
+
+
+def atomic_write_bytes(path: Path, write: Any) -> None:
+    """Call `write(tmp_path)`, then move the file into place: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_scores(table: pa.Table, path: Path) -> None:
+    """Write a scores table to `path` atomically."""
+    atomic_write_bytes(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+
+
+def check_output_path(path: Path, if_exists: str) -> None:
+    """Refuse to clobber an existing output unless asked to (`overwrite`)."""
+    if if_exists not in ("fail", "overwrite", "resume"):
+        raise UsageError(f"--if-exists {if_exists!r}: use fail, overwrite or resume")
+    if path.exists() and path.is_dir():
+        raise UsageError(f"output {path} is a directory; give a .parquet file path")
+    if path.exists() and if_exists == "fail":
+        raise UsageError(f"output {path} exists; pass --if-exists overwrite to replace it")
+
+
+def read_scores(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """A scores file and its run facts."""
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise InputError(f"cannot read scores file {path}: {exc}") from exc
+    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+    facts = json.loads(raw) if raw else {}
+    return table.to_pandas(), facts

@@ -1,0 +1,1 @@
+"""Model loading, profiles, noise bank and text encoding."""

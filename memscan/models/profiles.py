@@ -1,0 +1,126 @@
+"""Model profiles: what memscan must know about a model family to score it.
+
+A profile (a TOML file under `configs/`) names the model source, its prediction type and
+resolution, the timestep rule and term weights of the metric, and the calibrated threshold
+(absent = not calibrated, so nothing is flagged).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from memscan.errors import ConfigError
+from memscan.paths import config_dir
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PredictionType = Literal["epsilon", "v_prediction"]
+VConvention = Literal["epsilon", "raw"]
+
+_PREDICTION_TYPES = ("epsilon", "v_prediction")
+CUSTOM_PROFILE = "custom"
+_V_CONVENTIONS = ("epsilon", "raw")
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Everything model-specific that detection needs, besides the weights themselves."""
+
+    name: str
+    source: str
+    description: str = ""
+    revision: str | None = None
+    architecture: str | None = None
+    prediction_type: PredictionType = "epsilon"
+    resolution: int = 512
+    pad_token: str = "<|endoftext|>"
+    num_inference_steps: int = 50
+    t_hi_index: int = 0
+    t_lo_index: int = -3
+    w_norm: float = 1.0
+    w_align: float = 1.0
+    threshold: float | None = None
+    v_convention: VConvention = "epsilon"
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in _PREDICTION_TYPES:
+            raise ConfigError(
+                f"profile {self.name!r}: prediction_type must be one of {_PREDICTION_TYPES}, "
+                f"got {self.prediction_type!r}"
+            )
+        if self.v_convention not in _V_CONVENTIONS:
+            raise ConfigError(
+                f"profile {self.name!r}: v_convention must be one of {_V_CONVENTIONS}, "
+                f"got {self.v_convention!r}"
+            )
+        if self.resolution <= 0 or self.resolution % 8:
+            raise ConfigError(f"profile {self.name!r}: resolution must be a positive multiple of 8")
+
+    def with_overrides(self, **changes: Any) -> ModelProfile:
+        """A copy with the non-None `changes` applied (flags override the profile)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def profile_path(name: str) -> Path:
+    return config_dir() / f"{name}.toml"
+
+
+def available_profiles() -> list[str]:
+    """Names of the profiles shipped in the config folder."""
+    return sorted(p.stem for p in config_dir().glob("*.toml"))
+
+
+def load_profile_file(path: Path) -> ModelProfile:
+    """Read one profile TOML; relative local sources resolve against the file's folder."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read profile {path}: {exc}") from exc
+    data: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict) and key in ("scoring", "model"):
+            data.update(value)
+        else:
+            data[key] = value
+    data.setdefault("name", path.stem)
+    source = data.get("source")
+    if not isinstance(source, str) or not source:
+        raise ConfigError(f"profile {path} has no 'source'")
+    if source.startswith("./") or source.startswith("../"):
+        data["source"] = str((path.parent / source).resolve())
+    known = set(ModelProfile.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"profile {path}: unknown keys {', '.join(unknown)}")
+    return ModelProfile(**data)
+
+
+def load_profile(name: str) -> ModelProfile:
+    """Load a shipped profile by name (e.g. `sd-v1-4`, `demo`)."""
+    path = profile_path(name)
+    if not path.is_file():
+        raise ConfigError(
+            f"unknown profile {name!r}; available: {', '.join(available_profiles()) or 'none'}"
+        )
+    return load_profile_file(path)
+
+
+def default_profile_for(source: str, prediction_type: PredictionType = "epsilon") -> ModelProfile:
+    """A profile for a model given by path or hub id with no shipped profile: reference
+    SD v1.x weights for epsilon models, SD 2.x (768-v) weights for v-prediction ones."""
+    if prediction_type == "v_prediction":
+        return ModelProfile(
+            name=CUSTOM_PROFILE, source=source, prediction_type="v_prediction", resolution=768,
+            pad_token="!", w_norm=1.0, w_align=0.1, v_convention="raw",
+        )
+    return ModelProfile(name=CUSTOM_PROFILE, source=source, w_norm=1.0, w_align=2.0)
