@@ -1,0 +1,451 @@
+"""Read prompts from CSV, TSV, Parquet, JSONL or TXT files into one canonical DataFrame shape.
+
+Every reader streams: text formats are parsed incrementally (optionally through gzip) and Parquet
+is read batch by batch with only the needed columns, so a file of any size runs in bounded memory.
+Each batch has the columns
+
+    prompt_id  (str)          the id column's value, else "<file name>:<row_index>"
+    prompt     (str or None)  exactly as written; None only for a null in Parquet/JSONL
+    row_index  (int64)        0-based position of the row in the input
+    *keep_columns             copied as read: strings from CSV/TSV, Parquet's own types,
+                              pandas' inference from JSONL values
+
+Anything wrong with the input raises `InputError` with one line that names the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import closing, contextmanager
+from itertools import islice
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from memscan.errors import InputError
+
+FORMATS = ("csv", "tsv", "parquet", "jsonl", "txt")
+_TEXT_FORMATS = frozenset({"csv", "tsv", "jsonl", "txt"})
+PROMPT_COLUMN_CANDIDATES = ("prompt", "caption", "text")  # auto-detection priority, any case
+OUTPUT_COLUMNS = ("prompt_id", "prompt", "row_index")
+CSV_DELIMITERS = (",", ";", "\t", "|")  # sniffed in this order of preference
+
+_SNIFF_BYTES = 1 << 16
+_SNIFF_ROWS = 50
+_JSONL_SCHEMA_RECORDS = 1000  # records whose keys make up a JSONL file's `columns`
+_CHUNK_BYTES = 1 << 20
+_ARROW_TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view, pa.types.is_null)
+
+
+class _RawBatch(NamedTuple):
+    """One batch as read from the file, before ids and row numbers are attached."""
+
+    prompts: list[str | None]
+    ids: list[str | None] | None
+    keep: pd.DataFrame | None  # the keep columns, None when there are none (or not wanted)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _format_of(path: Path, fmt: str | None) -> tuple[str, bool]:
+    """(format, gzip-compressed?) from `fmt` or the file name."""
+    suffixes = [s.lower() for s in path.suffixes]
+    compressed = bool(suffixes) and suffixes[-1] == ".gz"
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise InputError(f"{path}: unknown format {fmt!r}; supported: {', '.join(FORMATS)}")
+    else:
+        ext = suffixes[-2] if compressed and len(suffixes) > 1 else (suffixes[-1] if suffixes else "")
+        fmt = ext.lstrip(".")
+        if fmt not in FORMATS:
+            name = "".join(path.suffixes[-2:] if compressed else path.suffixes[-1:]) or "(none)"
+            supported = ", ".join(f".{f}" for f in FORMATS)
+            raise InputError(
+                f"{path}: unsupported file extension {name}; supported: {supported} "
+                "(csv, tsv, jsonl, txt also gzip-compressed as .gz)"
+            )
+    if compressed and fmt not in _TEXT_FORMATS:
+        raise InputError(f"{path}: gzip-compressed {fmt} is not supported; decompress it first")
+    return fmt, compressed
+
+
+def _score_delimiter(sample: str, truncated: bool, delimiter: str) -> int:
+    """Columns per row if `delimiter` splits the sample into a consistent table of 2+ columns, else 0."""
+    try:
+        rows = list(islice(csv.reader(io.StringIO(sample), delimiter=delimiter), _SNIFF_ROWS + 1))
+    except csv.Error:
+        return 0
+    if truncated and len(rows) > 1:
+        rows = rows[:-1]  # the last row may be cut off mid-way
+    widths = {len(row) for row in rows[:_SNIFF_ROWS] if row}
+    if len(widths) == 1 and (width := widths.pop()) >= 2:
+        return width
+    return 0
+
+
+def _sniff_delimiter(sample: str, truncated: bool) -> str:
+    """The delimiter among `CSV_DELIMITERS` giving the widest consistent table; ',' if none does."""
+    scores = {d: _score_delimiter(sample, truncated, d) for d in CSV_DELIMITERS}
+    best = max(CSV_DELIMITERS, key=lambda d: scores[d])  # max keeps the first of equal scores
+    if scores[best]:
+        return best
+    header = sample.split("\n", 1)[0]
+    return max(CSV_DELIMITERS, key=header.count) if any(d in header for d in CSV_DELIMITERS) else ","
+
+
+class PromptSource:
+    """A prompt file, read in canonical batches (see the module docstring).
+
+    The format comes from the extension (`.csv`, `.tsv`, `.parquet`, `.jsonl`, `.txt`, text formats
+    optionally `.gz`) unless `fmt` names one. The prompt column is `prompt_column`, else the first of
+    prompt/caption/text found in any case; TXT files have no columns: each line is a prompt.
+    `columns` lists the input's columns (for JSONL, the keys of its first 1000 records).
+    Construction checks the file, its format and its columns, so mistakes surface before any work.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        prompt_column: str | None = None,
+        id_column: str | None = None,
+        fmt: str | None = None,
+        keep_columns: Sequence[str] = (),
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(f"{self.path}: no such file")
+        if self.path.is_dir():
+            raise InputError(f"{self.path}: is a directory, not a prompt file")
+        self.fmt, self.compressed = _format_of(self.path, fmt)
+        self.keep_columns: tuple[str, ...] = tuple(keep_columns)
+        self.id_column = id_column
+        self._delimiter = "\t" if self.fmt == "tsv" else ","
+        if self.fmt == "csv":
+            self._delimiter = self._sniff()
+        with self._input_errors():
+            self.columns: list[str] = self._read_columns()
+        self.prompt_column: str | None = self._resolve_columns(prompt_column)
+
+    # ----------------------------------------------------------------- public API
+
+    def iter_batches(self, rows: int = 65536) -> Iterator[pd.DataFrame]:
+        """Canonical DataFrames of at most `rows` rows each, streamed from the file in order.
+
+        Raises InputError for a file without rows and, once reached, for a duplicate or empty id.
+        """
+        if rows < 1:
+            raise ValueError(f"rows must be at least 1, not {rows}")
+        seen: dict[str, int] = {}
+        start = 0
+        for raw in self._raw_batches(rows):
+            if not raw.prompts:
+                continue
+            yield self._canonical(raw, start, seen)
+            start += len(raw.prompts)
+        if start == 0:
+            raise InputError(f"{self.path}: no rows to read (empty file or header only)")
+
+    def read(self) -> pd.DataFrame:
+        """All rows as one canonical DataFrame."""
+        return pd.concat(list(self.iter_batches()), ignore_index=True)
+
+    def count_rows(self) -> int:
+        """Number of rows: from the footer for Parquet (no data read), else by streaming the file."""
+        if self.fmt == "parquet":
+            with self._input_errors(), pq.ParquetFile(self.path) as parquet:
+                return parquet.metadata.num_rows
+        return sum(len(raw.prompts) for raw in self._raw_batches(65536, with_extras=False))
+
+    def __repr__(self) -> str:
+        return f"PromptSource({str(self.path)!r}, fmt={self.fmt!r}, prompt_column={self.prompt_column!r})"
+
+    # ----------------------------------------------------------------- columns
+
+    def _read_columns(self) -> list[str]:
+        if self.fmt == "txt":
+            return []
+        if self.fmt == "parquet":
+            with pq.ParquetFile(self.path) as parquet:
+                return list(parquet.schema_arrow.names)
+        if self.fmt == "jsonl":
+            names: dict[str, None] = {}
+            with closing(self._jsonl_records()) as records:
+                for _, record in islice(records, _JSONL_SCHEMA_RECORDS):
+                    names.update(dict.fromkeys(record))
+            if not names:
+                raise InputError(f"{self.path}: empty file (no JSON records)")
+            return list(names)
+        with self._open() as stream:
+            return [str(c) for c in pd.read_csv(stream, **self._csv_options(), nrows=0).columns]
+
+    def _resolve_columns(self, prompt_column: str | None) -> str | None:
+        """Check the requested columns exist; return the prompt column (auto-detected if not given)."""
+        available = ", ".join(self.columns) or "(none)"
+        if self.fmt == "txt":
+            if prompt_column or self.id_column or self.keep_columns:
+                raise InputError(
+                    f"{self.path}: a txt file has no columns (one prompt per line); "
+                    "prompt, id and keep columns cannot be chosen"
+                )
+            return None
+        for role, name in (("prompt", prompt_column), ("id", self.id_column)):
+            if name is not None and name not in self.columns:
+                raise InputError(f"{self.path}: {role} column {name!r} not found; available: {available}")
+        missing = [name for name in self.keep_columns if name not in self.columns]
+        if missing:
+            raise InputError(f"{self.path}: keep column {missing[0]!r} not found; available: {available}")
+        reserved = [name for name in self.keep_columns if name in OUTPUT_COLUMNS]
+        if reserved:
+            raise InputError(
+                f"{self.path}: keep column {reserved[0]!r} clashes with an output column "
+                f"({', '.join(OUTPUT_COLUMNS)})"
+            )
+        if prompt_column is not None:
+            return prompt_column
+        for candidate in PROMPT_COLUMN_CANDIDATES:
+            for name in self.columns:
+                if name.strip().lower() == candidate:
+                    return name
+        raise InputError(
+            f"{self.path}: no prompt column found (looked for {', '.join(PROMPT_COLUMN_CANDIDATES)} "
+            f"in any case); available: {available}; name one with prompt_column"
+        )
+
+    # ----------------------------------------------------------------- reading
+
+    def _raw_batches(self, rows: int, *, with_extras: bool = True) -> Iterator[_RawBatch]:
+        """The format's reader, with its failures turned into InputError."""
+        reader = {
+            "csv": self._csv_batches,
+            "tsv": self._csv_batches,
+            "parquet": self._parquet_batches,
+            "jsonl": self._jsonl_batches,
+            "txt": self._txt_batches,
+        }[self.fmt]
+        with self._input_errors():
+            yield from reader(rows, with_extras)
+
+    def _csv_options(self, *, single_column: bool = False) -> dict[str, Any]:
+        # Every field is a string, as written: no NA conversion ("NA", "null" and "" are prompts),
+        # and no implicit index column. No usecols: pandas would silently drop extra fields.
+        # With one column every line is a row, as in TXT (pandas would skip whitespace-only ones);
+        # with several, a blank line is no row.
+        return {
+            "skip_blank_lines": not single_column,
+            "sep": self._delimiter,
+            "dtype": str,
+            "keep_default_na": False,
+            "na_filter": False,
+            "index_col": False,
+            "encoding": "utf-8",
+            "engine": "c",
+        }
+
+    def _csv_batches(self, rows: int, with_extras: bool) -> Iterator[_RawBatch]:
+        with (
+            self._open() as stream,
+            pd.read_csv(
+                stream, **self._csv_options(single_column=len(self.columns) == 1), chunksize=rows
+            ) as reader,
+        ):
+            for chunk in reader:
+                yield self._raw_from_frame(chunk, with_extras)
+
+    def _raw_from_frame(self, frame: pd.DataFrame, with_extras: bool) -> _RawBatch:
+        ids = frame[self.id_column].tolist() if with_extras and self.id_column else None
+        keep = frame[list(self.keep_columns)] if with_extras and self.keep_columns else None
+        return _RawBatch(frame[self.prompt_column].tolist(), ids, keep)
+
+    def _parquet_batches(self, rows: int, with_extras: bool) -> Iterator[_RawBatch]:
+        wanted = [self.prompt_column, *((self.id_column,) if self.id_column else ()), *self.keep_columns]
+        columns = list(dict.fromkeys(wanted if with_extras else wanted[:1]))
+        with pq.ParquetFile(self.path) as parquet:
+            self._check_parquet_prompt_type(parquet.schema_arrow.field(self.prompt_column).type)
+            for batch in parquet.iter_batches(batch_size=rows, columns=columns):
+                prompts = pc.cast(batch.column(self.prompt_column), pa.string()).to_pylist()
+                ids = None
+                if with_extras and self.id_column:
+                    try:
+                        ids = pc.cast(batch.column(self.id_column), pa.string()).to_pylist()
+                    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                        problem = f"id column {self.id_column!r} cannot be read as text"
+                        raise InputError(f"{self.path}: {problem} ({_one_line(exc)})") from exc
+                wants_keep = with_extras and self.keep_columns
+                keep = batch.select(list(self.keep_columns)).to_pandas() if wants_keep else None
+                yield _RawBatch(prompts, ids, keep)
+
+    def _check_parquet_prompt_type(self, kind: pa.DataType) -> None:
+        value_kind = kind.value_type if pa.types.is_dictionary(kind) else kind
+        if not any(is_text(value_kind) for is_text in _ARROW_TEXT_TYPES):
+            raise InputError(f"{self.path}: prompt column {self.prompt_column!r} holds {kind}, not strings")
+
+    def _jsonl_records(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(line number, object) for each non-blank line of a JSONL file."""
+        with self._open_text() as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise InputError(
+                        f"{self.path}: line {number}: malformed JSON ({exc.msg} at column {exc.colno})"
+                    ) from None
+                if not isinstance(record, dict):
+                    raise InputError(
+                        f"{self.path}: line {number}: expected a JSON object, got {type(record).__name__}"
+                    )
+                yield number, record
+
+    def _jsonl_batches(self, rows: int, with_extras: bool) -> Iterator[_RawBatch]:
+        batch: list[tuple[int, dict[str, Any]]] = []
+        for item in self._jsonl_records():
+            batch.append(item)
+            if len(batch) == rows:
+                yield self._raw_from_records(batch, with_extras)
+                batch = []
+        if batch:
+            yield self._raw_from_records(batch, with_extras)
+
+    def _raw_from_records(self, batch: list[tuple[int, dict[str, Any]]], with_extras: bool) -> _RawBatch:
+        prompts: list[str | None] = []
+        for number, record in batch:
+            value = record.get(self.prompt_column)
+            if value is not None and not isinstance(value, str):
+                raise InputError(
+                    f"{self.path}: line {number}: prompt {self.prompt_column!r} is a "
+                    f"{type(value).__name__}, not a string"
+                )
+            prompts.append(value)
+        if not with_extras:
+            return _RawBatch(prompts, None, None)
+        ids = None
+        if self.id_column:
+            ids = []
+            for number, record in batch:
+                value = record.get(self.id_column)
+                if isinstance(value, (dict, list)):
+                    raise InputError(f"{self.path}: line {number}: id {self.id_column!r} is not a scalar")
+                ids.append(None if value is None else str(value))
+        keep = None
+        if self.keep_columns:
+            keep = pd.DataFrame({name: [rec.get(name) for _, rec in batch] for name in self.keep_columns})
+        return _RawBatch(prompts, ids, keep)
+
+    def _txt_batches(self, rows: int, with_extras: bool) -> Iterator[_RawBatch]:
+        batch: list[str | None] = []
+        with self._open_text() as lines:
+            for line in lines:
+                batch.append(line[:-1] if line.endswith("\n") else line)
+                if len(batch) == rows:
+                    yield _RawBatch(batch, None, None)
+                    batch = []
+        if batch:
+            yield _RawBatch(batch, None, None)
+
+    # ----------------------------------------------------------------- canonical form
+
+    def _canonical(self, raw: _RawBatch, start: int, seen: dict[str, int]) -> pd.DataFrame:
+        """Attach ids and row numbers; check user ids are present and unique across all batches."""
+        row_index = range(start, start + len(raw.prompts))
+        if raw.ids is None:
+            ids = [f"{self.path.name}:{i}" for i in row_index]
+        else:
+            ids = raw.ids
+            for i, value in zip(row_index, ids, strict=True):
+                if value is None or value == "":
+                    raise InputError(f"{self.path}: row {i} has an empty id in column {self.id_column!r}")
+                first = seen.setdefault(value, i)
+                if first != i:
+                    raise InputError(
+                        f"{self.path}: duplicate id {value!r} in column {self.id_column!r} "
+                        f"(rows {first} and {i})"
+                    )
+        frame = pd.DataFrame(
+            {
+                "prompt_id": pd.Series(ids, dtype=object),
+                "prompt": pd.Series(raw.prompts, dtype=object),
+                "row_index": pd.Series(row_index, dtype="int64"),
+            }
+        )
+        if raw.keep is not None:
+            frame = pd.concat([frame, raw.keep.reset_index(drop=True)], axis=1)
+        return frame
+
+    # ----------------------------------------------------------------- files and errors
+
+    def _open(self) -> IO[bytes]:
+        """The file's (decompressed) bytes."""
+        return gzip.open(self.path, "rb") if self.compressed else open(self.path, "rb")
+
+    def _open_text(self) -> IO[str]:
+        # utf-8-sig drops a byte-order mark; universal newlines make \r\n and \r line ends too.
+        return io.TextIOWrapper(self._open(), encoding="utf-8-sig", newline=None)
+
+    def _sniff(self) -> str:
+        with self._input_errors(), self._open() as stream:
+            head = stream.read(_SNIFF_BYTES + 1)
+        truncated = len(head) > _SNIFF_BYTES
+        return _sniff_delimiter(head[:_SNIFF_BYTES].decode("utf-8", errors="replace"), truncated)
+
+    def _locate_undecodable(self) -> str:
+        """Where the first invalid UTF-8 byte is: 'byte offset N (line L)' of the (decompressed) data."""
+        offset, line, pending = 0, 1, b""
+        with self._open() as stream:
+            while True:
+                chunk = stream.read(_CHUNK_BYTES)
+                data = pending + chunk
+                try:
+                    data.decode("utf-8")
+                    good, pending = len(data), b""
+                except UnicodeDecodeError as exc:
+                    if chunk and exc.reason == "unexpected end of data":
+                        good, pending = exc.start, data[exc.start :]  # sequence split across chunks
+                    else:
+                        line += data[: exc.start].count(b"\n")
+                        return f"byte offset {offset + exc.start} (line {line})"
+                offset += good
+                line += data[:good].count(b"\n")
+                if not chunk:
+                    return "an unknown position"
+
+    @contextmanager
+    def _input_errors(self) -> Iterator[None]:
+        """Turn the parsing libraries' failures into one-line InputErrors naming the file."""
+        where = f"{self.path}:"
+        try:
+            yield
+        except InputError:
+            raise
+        except UnicodeDecodeError:
+            position = self._locate_undecodable()
+            suffix = " of the decompressed data" if self.compressed else ""
+            message = f"not valid UTF-8 text: undecodable byte at {position}{suffix}"
+            raise InputError(f"{where} {message}") from None
+        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+            raise InputError(f"{where} corrupt or truncated gzip data ({_one_line(exc)})") from exc
+        except pd.errors.EmptyDataError:
+            raise InputError(f"{where} empty file (no header line)") from None
+        except (pd.errors.ParserError, csv.Error) as exc:
+            raise InputError(f"{where} malformed {self.fmt.upper()} ({_one_line(exc)})") from exc
+        except pa.ArrowException as exc:
+            raise InputError(f"{where} corrupt or unreadable Parquet file ({_one_line(exc)})") from exc
+        except OSError as exc:
+            raise InputError(f"{where} cannot read the file ({_one_line(exc)})") from exc
+
+
+def read_prompts(path: str | Path, **kwargs: Any) -> pd.DataFrame:
+    """All prompts of a file as one canonical DataFrame; `kwargs` as for `PromptSource`."""
+    return PromptSource(path, **kwargs).read()
