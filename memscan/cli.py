@@ -37,26 +37,28 @@ app = typer.Typer(
 stderr = Console(stderr=True)
 
 
+def _say(line: str) -> None:
+    """One unwrapped line on stderr (log lines and errors must stay greppable)."""
+    typer.echo(" ".join(line.split("\n")), err=True)
+
+
 @contextmanager
 def cli_errors() -> Iterator[None]:
     """Turn memscan's exceptions into one stderr line and their exit code (no traceback)."""
     try:
         yield
     except MemscanError as exc:
-        stderr.print(f"memscan: error: {exc}", markup=False, highlight=False)
+        _say(f"memscan: error: {exc}")
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        stderr.print("memscan: interrupted", markup=False)
+        _say("memscan: interrupted")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except (typer.Exit, typer.Abort):
         raise
     except Exception as exc:  # noqa: BLE001 - the last line of defence: never a bare traceback
         if os.environ.get("MEMSCAN_DEBUG"):
             raise
-        stderr.print(
-            f"memscan: internal error: {type(exc).__name__}: {exc} (MEMSCAN_DEBUG=1 shows the traceback)",
-            markup=False, highlight=False,
-        )
+        _say(f"memscan: internal error: {type(exc).__name__}: {exc} (MEMSCAN_DEBUG=1 shows the traceback)")
         raise typer.Exit(EXIT_INTERNAL) from None
 
 
@@ -136,11 +138,10 @@ def detect(
         if top > 0 and (stderr.is_terminal or not json_summary):
             stderr.print(_top_table(summary["top"], f"top {len(summary['top'])} of {summary['scored']} scored prompts"))
         flagged = summary["flagged"]
-        stderr.print(
+        _say(
             f"{summary['rows']} rows, {summary['scored']} scored, {summary['skipped_empty']} empty, "
             f"{'no threshold' if flagged is None else f'{flagged} flagged'}, "
-            f"{summary['prompts_per_second']} prompts/s -> {summary['output']}",
-            markup=False, highlight=False,
+            f"{summary['prompts_per_second']} prompts/s -> {summary['output']}"
         )
         if fail_on_flagged and flagged:
             raise FlaggedPromptsError(f"{flagged} prompts flagged")
@@ -154,7 +155,7 @@ def list_models() -> None:
 
         table = Table(title="model profiles")
         for column in ("name", "source", "prediction", "res", "w_norm", "w_align", "threshold"):
-            table.add_column(column)
+            table.add_column(column, no_wrap=column != "source", overflow="fold")
         for name in available_profiles():
             p = load_profile(name)
             table.add_row(name, p.source, p.prediction_type, str(p.resolution), str(p.w_norm), str(p.w_align),

@@ -121,7 +121,10 @@ class Scorer:
         texts = prompts[~is_empty].astype(str).tolist()
         scored = self.score_texts(texts)
         rows = len(frame)
-        out = pd.DataFrame({"prompt_id": frame["prompt_id"].astype(str).to_numpy(), "prompt": prompts.to_numpy()})
+        out = pd.DataFrame({
+            "prompt_id": frame["prompt_id"].astype(str).to_numpy(),
+            "prompt": pd.Series(prompts.to_numpy(), dtype=object),  # keeps None as None
+        })
         ok = (~is_empty).to_numpy()
         for name in self.method.columns:
             column = np.full(rows, np.nan, dtype=np.float32)
@@ -134,9 +137,12 @@ class Scorer:
         finite = np.isfinite(score)
         status = np.where(~ok, STATUS_SKIPPED_EMPTY, np.where(finite, STATUS_OK, STATUS_NONFINITE))
         out["status"] = status
-        out["error"] = np.where(
-            status == STATUS_SKIPPED_EMPTY, "empty prompt",
-            np.where(status == STATUS_NONFINITE, "score is not finite", None),
+        out["error"] = pd.Series(
+            np.where(
+                status == STATUS_SKIPPED_EMPTY, "empty prompt",
+                np.where(status == STATUS_NONFINITE, "score is not finite", None),
+            ),
+            dtype=object,
         )
         if self.threshold is None:
             out["flagged"] = pd.array([None] * rows, dtype="boolean")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,12 +36,14 @@ PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
 def quiet_libraries() -> None:
     """Silence diffusers/transformers progress bars and advisory warnings (cron mails)."""
-    import diffusers
     import transformers
+
+    transformers.utils.logging.set_verbosity_error()  # before diffusers imports its pipelines
+    transformers.utils.logging.disable_progress_bar()
+    import diffusers
 
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -117,31 +120,40 @@ def _load_pretrained(
     if not with_vae:
         skip["vae"] = None
     try:
-        return StableDiffusionPipeline.from_pretrained(
-            source, revision=revision, torch_dtype=dtype, requires_safety_checker=False, **skip
-        )
-    except LocalEntryNotFoundError as exc:
-        raise ModelNotCachedError(
-            f"model {source!r} is not in the local Hugging Face cache and the hub cannot be reached; "
-            "pass a local copy (--model /path/to/diffusers-folder or model.safetensors) "
-            "or run once with network access to cache it"
-        ) from exc
+        with warnings.catch_warnings():
+            # diffusers >= 0.36 renames torch_dtype to dtype; older releases only know torch_dtype
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            return StableDiffusionPipeline.from_pretrained(
+                source, revision=revision, torch_dtype=dtype, requires_safety_checker=False, **skip
+            )
     except GatedRepoError as exc:
         raise ModelError(f"model {source!r} is gated on the hub: accept its licence and log in") from exc
     except RevisionNotFoundError as exc:
         raise ModelError(f"model {source!r} has no revision {revision!r}") from exc
     except RepositoryNotFoundError as exc:
         raise ModelError(f"model {source!r} was not found on the hub (nor as a local path)") from exc
-    except OSError as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "connect" in message.lower() or "offline" in message.lower():
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        if _is_offline_miss(exc, LocalEntryNotFoundError):
             raise ModelNotCachedError(
-                f"model {source!r} is not cached and the hub cannot be reached; "
-                "pass a local copy or run once with network access to cache it"
+                f"model {source!r} is not in the local Hugging Face cache and the hub cannot be reached; "
+                "pass a local copy (--model /path/to/diffusers-folder or model.safetensors) "
+                "or run once with network access to cache it"
             ) from exc
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(f"cannot load model {source!r}: {message}") from exc
-    except (ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot load model {source!r}: {exc}") from exc
+
+
+_OFFLINE_HINTS = ("not fully cached", "cached snapshot", "offline", "connect", "resolve host", "network")
+
+
+def _is_offline_miss(exc: BaseException, local_miss: type[BaseException]) -> bool:
+    """Whether a load failed because the hub was unreachable and the files are not cached."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, local_miss) or any(h in str(seen).lower() for h in _OFFLINE_HINTS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _looks_like_hub_id(spec: str) -> bool:
@@ -169,8 +181,6 @@ def load_model(
     """Load the model `spec` names, once, ready for scoring on `device` in `dtype`."""
     quiet_libraries()
     profile = spec if isinstance(spec, ModelProfile) else resolve_profile(spec)
-    if profile_overrides:
-        profile = profile.with_overrides(**profile_overrides)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     source = profile.source
@@ -204,10 +214,13 @@ def load_model(
             f"unknown model {source!r}: not a profile ({', '.join(available_profiles())}), "
             "an existing path, or a hub id like org/name"
         )
-    return scoring_model_from_pipeline(
+    model = scoring_model_from_pipeline(
         pipeline, profile, device=torch_device, dtype=torch_dtype, source=source,
         config_folder=config_folder,
     )
+    if profile_overrides:
+        model.profile = model.profile.with_overrides(**profile_overrides)
+    return model
 
 
 def _cached_folder(repo_id: str, revision: str | None) -> Path | None:

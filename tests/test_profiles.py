@@ -1,0 +1,54 @@
+"""Model profiles: the shipped TOML files parse and say what the method needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from memscan.errors import ConfigError
+from memscan.models.profiles import available_profiles, load_profile, load_profile_file
+
+
+def test_shipped_profiles_parse() -> None:
+    names = available_profiles()
+    for name in ("sd-v1-4", "sd-v1-5", "sd-v2", "sd-v2-base", "realistic-vision"):
+        assert name in names
+    for name in names:
+        profile = load_profile(name)
+        assert profile.name == name and profile.source
+        assert profile.num_inference_steps == 50 and (profile.t_hi_index, profile.t_lo_index) == (0, -3)
+
+
+def test_family_settings() -> None:
+    v1, v2, rv = load_profile("sd-v1-4"), load_profile("sd-v2"), load_profile("realistic-vision")
+    assert (v1.source, v1.prediction_type, v1.resolution, v1.pad_token) == (
+        "CompVis/stable-diffusion-v1-4", "epsilon", 512, "<|endoftext|>")
+    assert (v1.w_norm, v1.w_align, v1.threshold) == (1.0, 2.0, None)
+    assert (v2.prediction_type, v2.resolution, v2.pad_token, v2.v_convention) == ("v_prediction", 768, "!", "raw")
+    assert (v2.w_norm, v2.w_align) == (1.0, 0.1)
+    assert (rv.w_norm, rv.w_align) == (2.0, 1.0)
+
+
+def test_unknown_profile_lists_the_available_ones() -> None:
+    with pytest.raises(ConfigError, match="sd-v1-4"):
+        load_profile("sd-v9")
+
+
+def test_bad_profiles_are_config_errors(tmp_path: Path) -> None:
+    cases = {
+        "nosource.toml": 'prediction_type = "epsilon"\n',
+        "typo.toml": 'source = "x/y"\nw_nrom = 1\n',
+        "pred.toml": 'source = "x/y"\nprediction_type = "sample"\n',
+        "broken.toml": "source = \n",
+    }
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError):
+            load_profile_file(tmp_path / name)
+
+
+def test_relative_source_resolves_against_the_profile(tmp_path: Path) -> None:
+    (tmp_path / "p.toml").write_text('source = "./model"\n[scoring]\nthreshold = 1.5\n')
+    profile = load_profile_file(tmp_path / "p.toml")
+    assert profile.source == str(tmp_path / "model") and profile.threshold == 1.5
