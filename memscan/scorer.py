@@ -2,12 +2,15 @@
 
 It is the unit a worker holds for its whole life: the model loads once, the unconditional
 pass runs once, then any number of prompt frames (a whole file or one shard) are scored.
-Identical prompts (same token ids after truncation) are scored once.
+Identical prompts (same token ids after truncation) are scored once. Failures are data:
+out-of-memory halves the batch (and remembers it) down to one prompt, then marks the row
+`oom`; any other error is isolated to its prompt and marks it `error`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,20 +19,37 @@ import numpy as np
 import pandas as pd
 import torch
 
-from memscan.io.scores import STATUS_NONFINITE, STATUS_OK, STATUS_SKIPPED_EMPTY
+from memscan.io.scores import STATUS_ERROR, STATUS_NONFINITE, STATUS_OK, STATUS_OOM, STATUS_SKIPPED_EMPTY
 from memscan.methods.base import DetectionMethod
 from memscan.models.loading import ScoringModel
 from memscan.models.noise import noise_bank
 from memscan.models.text import TokenizedPrompts, encode_ids, tokenize
 
+log = logging.getLogger("memscan")
+
 
 @dataclass
 class ScoredTexts:
-    """Per-prompt method columns (float32 arrays) and truncation flags, in input order."""
+    """Per-prompt method columns (float32), truncation flags, statuses and errors, in input order."""
 
     columns: dict[str, np.ndarray]
     truncated: np.ndarray
+    status: np.ndarray
+    error: np.ndarray
     unique: int
+
+
+@dataclass
+class _Unique:
+    """Results for the unique prompts scored so far."""
+
+    values: dict[str, list[float]]
+    status: list[str]
+    error: list[str | None]
+
+
+def _one_line(exc: BaseException) -> str:
+    return (" ".join(str(exc).split()) or type(exc).__name__)[:300]
 
 
 class Scorer:
@@ -70,62 +90,92 @@ class Scorer:
             "seed": self.seed, "n_noise": self.n_noise, "threshold": self.threshold,
         }
 
+    # ------------------------------------------------------------------ prompts -> numbers
+
     def score_texts(self, prompts: Sequence[str], *, chunk: int = 4096) -> ScoredTexts:
         """Score non-empty prompts; duplicates (same token ids) cost one evaluation.
 
         Prompts are tokenized `chunk` at a time so memory stays bounded on large inputs."""
-        cache: dict[bytes, int] = {}
-        unique_values: dict[str, list[np.ndarray]] = {c: [] for c in self.method.columns}
+        slots: dict[bytes, int] = {}
+        unique = _Unique(values={c: [] for c in self.method.columns}, status=[], error=[])
         gather: list[int] = []
         truncated: list[bool] = []
         for start in range(0, len(prompts), chunk):
             tokens = tokenize(self.model, prompts[start : start + chunk])
-            ids = tokens.input_ids.numpy().astype(np.int32)
             new_rows: list[int] = []
-            for i, row in enumerate(ids):
+            for i, row in enumerate(tokens.input_ids.numpy().astype(np.int32)):
                 key = hashlib.blake2b(row.tobytes(), digest_size=16).digest()
-                if key not in cache:
-                    cache[key] = len(cache)
+                if key not in slots:
+                    slots[key] = len(slots)
                     new_rows.append(i)
-                gather.append(cache[key])
+                gather.append(slots[key])
             truncated += tokens.truncated
-            for name, values in self._score_rows(tokens, new_rows).items():
-                unique_values[name].append(values)
-        columns = {
-            name: np.concatenate(parts)[np.asarray(gather, dtype=np.int64)] if parts else
-            np.zeros(0, dtype=np.float32)
-            for name, parts in unique_values.items()
-        }
-        return ScoredTexts(columns=columns, truncated=np.asarray(truncated, dtype=bool), unique=len(cache))
+            self._score_rows(tokens, new_rows, unique)
+        index = np.asarray(gather, dtype=np.int64)
+        return ScoredTexts(
+            columns={c: np.asarray(v, dtype=np.float32)[index] for c, v in unique.values.items()},
+            truncated=np.asarray(truncated, dtype=bool),
+            status=np.asarray(unique.status, dtype=object)[index],
+            error=np.asarray(unique.error, dtype=object)[index],
+            unique=len(slots),
+        )
 
-    def _score_rows(self, tokens: TokenizedPrompts, rows: list[int]) -> dict[str, np.ndarray]:
-        """Method columns for `rows` of `tokens`, `batch_size` prompts per UNet call."""
-        out: dict[str, list[np.ndarray]] = {c: [np.zeros(0, dtype=np.float32)] for c in self.method.columns}
+    def _score_rows(self, tokens: TokenizedPrompts, rows: list[int], out: _Unique) -> None:
+        """Append results for `rows` of `tokens` to `out`, `batch_size` prompts per UNet call."""
         state = self.state
-        with torch.inference_mode():
-            for start in range(0, len(rows), self.batch_size):
-                idx = torch.tensor(rows[start : start + self.batch_size], dtype=torch.long)
-                batch = TokenizedPrompts(
-                    input_ids=tokens.input_ids[idx], attention_mask=tokens.attention_mask[idx], truncated=[]
-                )
-                embeds = encode_ids(self.model, batch)
-                values = self.method.score(self.model, state, self.noise, embeds)
+        position = 0
+        while position < len(rows):
+            batch = rows[position : position + self.batch_size]
+            try:
+                values = self._score_batch(tokens, batch, state)
+            except torch.OutOfMemoryError as exc:
+                if len(batch) > 1:
+                    halved = self.batch_size // 2
+                    self.batch_size = max(1, halved if halved < len(batch) else len(batch) // 2)
+                    log.warning("out of memory at batch size %d; retrying with %d", len(batch), self.batch_size)
+                    _release_memory()
+                    continue
+                self._append_failure(out, STATUS_OOM, _one_line(exc))
+            except Exception as exc:  # noqa: BLE001 - a failing prompt must not sink the shard
+                if len(batch) > 1:  # isolate the prompt that fails
+                    for row in batch:
+                        self._score_rows(tokens, [row], out)
+                    position += len(batch)
+                    continue
+                self._append_failure(out, STATUS_ERROR, f"{type(exc).__name__}: {_one_line(exc)}")
+            else:
                 for name in self.method.columns:
-                    out[name].append(values[name].float().cpu().numpy())
-        return {name: np.concatenate(parts).astype(np.float32) for name, parts in out.items()}
+                    out.values[name].extend(values[name].tolist())
+                out.status.extend([STATUS_OK] * len(batch))
+                out.error.extend([None] * len(batch))
+            position += len(batch)
+
+    def _score_batch(self, tokens: TokenizedPrompts, rows: list[int], state: Any) -> dict[str, np.ndarray]:
+        idx = torch.tensor(rows, dtype=torch.long)
+        batch = TokenizedPrompts(input_ids=tokens.input_ids[idx], attention_mask=tokens.attention_mask[idx], truncated=[])
+        with torch.inference_mode():
+            embeds = encode_ids(self.model, batch)
+            values = self.method.score(self.model, state, self.noise, embeds)
+            return {name: values[name].float().cpu().numpy() for name in self.method.columns}
+
+    def _append_failure(self, out: _Unique, status: str, error: str) -> None:
+        for name in self.method.columns:
+            out.values[name].append(float("nan"))
+        out.status.append(status)
+        out.error.append(error)
+
+    # ------------------------------------------------------------------ frames -> rows
 
     def score_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Output rows for a canonical prompt frame (`prompt_id`, `prompt`): one per input row."""
         prompts = frame["prompt"]
-        is_empty = prompts.isna() | (prompts.fillna("").astype(str).str.strip() == "")
-        texts = prompts[~is_empty].astype(str).tolist()
-        scored = self.score_texts(texts)
-        rows = len(frame)
+        is_empty = (prompts.isna() | (prompts.fillna("").astype(str).str.strip() == "")).to_numpy()
+        scored = self.score_texts(prompts[~is_empty].astype(str).tolist())
+        rows, ok = len(frame), ~is_empty
         out = pd.DataFrame({
             "prompt_id": frame["prompt_id"].astype(str).to_numpy(),
             "prompt": pd.Series(prompts.to_numpy(), dtype=object),  # keeps None as None
         })
-        ok = (~is_empty).to_numpy()
         for name in self.method.columns:
             column = np.full(rows, np.nan, dtype=np.float32)
             column[ok] = scored.columns[name]
@@ -133,21 +183,21 @@ class Scorer:
         truncated = np.zeros(rows, dtype=bool)
         truncated[ok] = scored.truncated
         out["truncated"] = truncated
-        score = out["score"].to_numpy()
-        finite = np.isfinite(score)
-        status = np.where(~ok, STATUS_SKIPPED_EMPTY, np.where(finite, STATUS_OK, STATUS_NONFINITE))
-        out["status"] = status
-        out["error"] = pd.Series(
-            np.where(
-                status == STATUS_SKIPPED_EMPTY, "empty prompt",
-                np.where(status == STATUS_NONFINITE, "score is not finite", None),
-            ),
-            dtype=object,
-        )
-        if self.threshold is None:
-            out["flagged"] = pd.array([None] * rows, dtype="boolean")
-        else:
-            flagged = pd.array(score > self.threshold, dtype="boolean")
+        status = np.full(rows, STATUS_SKIPPED_EMPTY, dtype=object)
+        error = np.full(rows, "empty prompt", dtype=object)
+        status[ok], error[ok] = scored.status, scored.error
+        nonfinite = (status == STATUS_OK) & ~np.isfinite(out["score"].to_numpy())
+        status[nonfinite], error[nonfinite] = STATUS_NONFINITE, "score is not finite"
+        out["status"] = pd.Series(status, dtype=object)
+        out["error"] = pd.Series(error, dtype=object)
+        flagged = pd.array([None] * rows, dtype="boolean")
+        if self.threshold is not None:
+            flagged = pd.array(out["score"].to_numpy() > self.threshold, dtype="boolean")
             flagged[status != STATUS_OK] = pd.NA
-            out["flagged"] = flagged
+        out["flagged"] = flagged
         return out
+
+
+def _release_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

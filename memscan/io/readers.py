@@ -161,6 +161,39 @@ class PromptSource:
         """All rows as one canonical DataFrame."""
         return pd.concat(list(self.iter_batches()), ignore_index=True)
 
+    def read_range(self, start: int, stop: int) -> pd.DataFrame:
+        """Rows [start, stop) as one canonical DataFrame (ids and row_index as in a full read).
+
+        Parquet reads only the row groups that overlap the range (from the footer); text formats
+        stream up to `stop`. Duplicate ids are checked within the range only."""
+        if not 0 <= start < stop:
+            raise ValueError(f"bad row range [{start}, {stop})")
+        first, batches = 0, self._raw_batches(65536)
+        if self.fmt == "parquet":
+            with self._input_errors(), pq.ParquetFile(self.path) as parquet:
+                meta = parquet.metadata
+                offsets = [0]
+                for group in range(meta.num_row_groups):
+                    offsets.append(offsets[-1] + meta.row_group(group).num_rows)
+            groups = [g for g in range(len(offsets) - 1) if offsets[g] < stop and offsets[g + 1] > start]
+            first = offsets[groups[0]] if groups else start
+            with self._input_errors():
+                batches = self._parquet_batches(65536, True, row_groups=groups)
+        parts: list[pd.DataFrame] = []
+        seen: dict[str, int] = {}
+        position = first
+        for raw in batches:
+            end = position + len(raw.prompts)
+            if end > start:
+                frame = self._canonical(raw, position, seen)
+                parts.append(frame.iloc[max(start - position, 0) : stop - position])
+            position = end
+            if position >= stop:
+                break
+        if position < stop:
+            raise InputError(f"{self.path}: has {position} rows, expected at least {stop}")
+        return pd.concat(parts, ignore_index=True)
+
     def count_rows(self) -> int:
         """Number of rows: from the footer for Parquet (no data read), else by streaming the file."""
         if self.fmt == "parquet":
@@ -268,12 +301,14 @@ class PromptSource:
         keep = frame[list(self.keep_columns)] if with_extras and self.keep_columns else None
         return _RawBatch(frame[self.prompt_column].tolist(), ids, keep)
 
-    def _parquet_batches(self, rows: int, with_extras: bool) -> Iterator[_RawBatch]:
+    def _parquet_batches(
+        self, rows: int, with_extras: bool, row_groups: Sequence[int] | None = None
+    ) -> Iterator[_RawBatch]:
         wanted = [self.prompt_column, *((self.id_column,) if self.id_column else ()), *self.keep_columns]
         columns = list(dict.fromkeys(wanted if with_extras else wanted[:1]))
         with pq.ParquetFile(self.path) as parquet:
             self._check_parquet_prompt_type(parquet.schema_arrow.field(self.prompt_column).type)
-            for batch in parquet.iter_batches(batch_size=rows, columns=columns):
+            for batch in parquet.iter_batches(batch_size=rows, columns=columns, row_groups=row_groups):
                 prompts = pc.cast(batch.column(self.prompt_column), pa.string()).to_pylist()
                 ids = None
                 if with_extras and self.id_column:
