@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from memscan.errors import ModelError, ModelNotCachedError, PickleRefusedError
+from memscan.errors import ModelError, ModelNotCachedError
 from memscan.models.device import resolve_device, resolve_dtype
 from memscan.models.profiles import (
     CUSTOM_PROFILE,
@@ -25,13 +25,14 @@ from memscan.models.profiles import (
     available_profiles,
     default_profile_for,
     load_profile,
+    load_profile_file,
     profile_path,
 )
 
 if TYPE_CHECKING:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
 
 
 def quiet_libraries() -> None:
@@ -162,7 +163,10 @@ def _looks_like_hub_id(spec: str) -> bool:
 
 
 def resolve_profile(spec: str) -> ModelProfile:
-    """The profile a `--model` value stands for (shipped profile, or defaults for a path/hub id)."""
+    """The profile a `--model` value stands for (shipped profile, a profile .toml file such as
+    `memscan calibrate` writes, or defaults for a path/hub id)."""
+    if spec.endswith(".toml"):
+        return load_profile_file(Path(spec).expanduser())
     if profile_path(spec).is_file():
         return load_profile(spec)
     return default_profile_for(spec)
@@ -187,14 +191,8 @@ def load_model(
     path = Path(source).expanduser()
     config_folder: Path | None = None
 
-    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
-        raise PickleRefusedError(
-            f"{source}: pickle checkpoints can run arbitrary code when loaded; "
-            "convert it to .safetensors or pass --allow-pickle if you trust it"
-        )
-    if path.is_file() or path.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES):
-        if not path.is_file():
-            raise ModelError(f"checkpoint file {source} does not exist")
+    if path.is_file() or path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        # refuses pickles without allow_pickle, and missing files, with one line each
         from memscan.models.builders import architecture_dir
         from memscan.models.single_file import load_single_file
 
