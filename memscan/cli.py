@@ -25,6 +25,7 @@ from memscan.errors import (
     EXIT_INTERRUPTED,
     FlaggedPromptsError,
     MemscanError,
+    UsageError,
 )
 
 app = typer.Typer(
@@ -97,13 +98,13 @@ def _default_output(input_path: Path) -> Path:
 
 @app.command()
 def detect(
-    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Prompts: CSV, TSV, Parquet, JSONL or TXT (optionally .gz).")],
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Scores Parquet file [default: INPUT-NAME.scores.parquet].")] = None,
+    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Prompts: CSV, TSV, Parquet, JSONL or TXT (optionally .gz); a folder or glob for a run directory.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="A .parquet file, or a run directory (sharded, resumable) [default: INPUT-NAME.scores.parquet].")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, .safetensors file, or hub id.")] = "demo",
     method: Annotated[str, typer.Option(help="Detection method.")] = "anisotropy",
     n_noise: Annotated[int, typer.Option("--n-noise", help="Initial noises per prompt (n).")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the shared noise bank.")] = 51,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per UNet call.")] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per UNet call (halved on out-of-memory).")] = 16,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
     threshold: Annotated[float | None, typer.Option(help="Flag scores above this [default: the profile's].")] = None,
@@ -115,15 +116,20 @@ def detect(
     prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="Prompt column [default: prompt, caption or text].")] = None,
     id_column: Annotated[str | None, typer.Option("--id-column", help="Id column [default: FILE:ROW].")] = None,
     store_prompt: Annotated[bool, typer.Option("--store-prompt/--no-store-prompt", help="Keep the prompt text in the output.")] = True,
-    if_exists: Annotated[str, typer.Option("--if-exists", help="If the output exists: fail or overwrite.")] = "fail",
-    top: Annotated[int, typer.Option(help="Top-scored prompts to show.")] = 10,
+    if_exists: Annotated[str | None, typer.Option("--if-exists", help="Output exists: fail, overwrite, or resume (run directories) [default: fail for a file, resume for a directory].")] = None,
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Rows per shard (run directories).")] = 10_000,
+    retry_errors: Annotated[bool, typer.Option("--retry-errors", help="Rescore only rows whose status is not ok (run directories).")] = False,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (CPU) or Ray actors (run directories).")] = None,
+    gpus: Annotated[str | None, typer.Option(help="One worker process per GPU: 0,1,... or all (run directories).")] = None,
+    executor: Annotated[str, typer.Option(help="local or ray (run directories; ray needs memscan[ray]).")] = "local",
+    log_interval: Annotated[float, typer.Option("--log-interval", help="Seconds between progress lines when not on a terminal.")] = 60.0,
+    top: Annotated[int, typer.Option(help="Top-scored prompts to show (single-file output).")] = 10,
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     fail_on_flagged: Annotated[bool, typer.Option("--fail-on-flagged", help=f"Exit {EXIT_FLAGGED} when prompts are flagged.")] = False,
 ) -> None:
     """Score every prompt with the anisotropy memorization metric and write Parquet."""
     with cli_errors():
         from memscan.config import DetectSettings
-        from memscan.detect import detect as run_detect
 
         settings = DetectSettings(
             model=model, method=method, n_noise=n_noise, seed=seed, batch_size=batch_size, device=device,
@@ -131,20 +137,88 @@ def detect(
             architecture=architecture, allow_pickle=allow_pickle, prompt_column=prompt_column,
             id_column=id_column, store_prompt=store_prompt,
         )
-        result = run_detect(input_path, output or _default_output(input_path), settings, if_exists=if_exists, top=top)
-        summary = result.summary
+        output = output or _default_output(input_path)
+        if output.suffix.lower() != ".parquet":
+            from memscan.run import RunOptions, run_detect
+
+            options = RunOptions(shard_size=shard_size, if_exists=if_exists or "resume", retry_errors=retry_errors)
+            outcome = run_detect(
+                input_path, output, settings, options, executor=executor, workers=workers, gpus=gpus,
+                fail_on_flagged=fail_on_flagged, log_interval=log_interval,
+            )
+            _report_run(outcome.summary, json_summary)
+            raise typer.Exit(outcome.exit_code)
+        if gpus or workers or executor != "local" or retry_errors:
+            raise UsageError("--gpus, --workers, --executor and --retry-errors need a run directory (-o DIR)")
+        _detect_file(input_path, output, settings, if_exists or "fail", top, json_summary, fail_on_flagged)
+
+
+def _detect_file(input_path: Path, output: Path, settings: Any, if_exists: str, top: int, json_summary: bool,
+                 fail_on_flagged: bool) -> None:
+    """Single-file detect: score everything in one go and write one Parquet file."""
+    from memscan.detect import detect as run_detect_file
+
+    summary = run_detect_file(input_path, output, settings, if_exists=if_exists, top=top).summary
+    if json_summary:
+        typer.echo(json.dumps(summary, indent=2))
+    if top > 0 and (stderr.is_terminal or not json_summary):
+        stderr.print(_top_table(summary["top"], f"top {len(summary['top'])} of {summary['scored']} scored prompts"))
+    flagged = summary["flagged"]
+    _say(
+        f"{summary['rows']} rows, {summary['scored']} scored, {summary['skipped_empty']} empty, "
+        f"{'no threshold' if flagged is None else f'{flagged} flagged'}, "
+        f"{summary['prompts_per_second']} prompts/s -> {summary['output']}"
+    )
+    if fail_on_flagged and flagged:
+        raise FlaggedPromptsError(f"{flagged} prompts flagged")
+
+
+def _report_run(summary: dict[str, Any], json_summary: bool) -> None:
+    """The closing line of a run-directory attempt (and the JSON summary on request)."""
+    if json_summary:
+        typer.echo(json.dumps(summary, indent=2))
+    flagged = summary["flagged"]
+    _say(
+        f"{summary['done']}/{summary['shards']} shards done, {summary['failed']} failed, "
+        f"{summary['rows_done']}/{summary['rows']} rows, {summary['failed_rows']} failed rows, "
+        f"{'no threshold' if flagged is None else f'{flagged} flagged'} -> {summary['run_dir']}"
+    )
+
+
+@app.command("status")
+def run_status(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory made by `memscan detect -o DIR`.")],
+    json_summary: Annotated[bool, typer.Option("--json", help="Print the status as JSON on stdout.")] = False,
+) -> None:
+    """Planned, done, failed and pending shards, rows, rate and ETA of a run directory."""
+    with cli_errors():
+        from memscan.run import RunDirectory, summarize_run
+
+        summary = summarize_run(RunDirectory(run_dir))
         if json_summary:
             typer.echo(json.dumps(summary, indent=2))
-        if top > 0 and (stderr.is_terminal or not json_summary):
-            stderr.print(_top_table(summary["top"], f"top {len(summary['top'])} of {summary['scored']} scored prompts"))
-        flagged = summary["flagged"]
-        _say(
-            f"{summary['rows']} rows, {summary['scored']} scored, {summary['skipped_empty']} empty, "
-            f"{'no threshold' if flagged is None else f'{flagged} flagged'}, "
-            f"{summary['prompts_per_second']} prompts/s -> {summary['output']}"
-        )
-        if fail_on_flagged and flagged:
-            raise FlaggedPromptsError(f"{flagged} prompts flagged")
+            return
+        table = Table(title=f"memscan run {run_dir}", show_header=False)
+        for key in ("shards", "done", "failed", "pending", "rows", "rows_done", "scored", "skipped_empty",
+                    "failed_rows", "flagged", "rate_rows_per_s", "eta_s", "complete"):
+            table.add_row(key, str(summary[key]))
+        for shard, error in summary["failed_shards"].items():
+            table.add_row(f"shard {shard} failed", error)
+        Console().print(table)
+
+
+@app.command("merge")
+def merge(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory made by `memscan detect -o DIR`.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The merged scores .parquet file.")],
+    partial: Annotated[bool, typer.Option("--partial", help="Merge the done shards of an unfinished run.")] = False,
+) -> None:
+    """Merge a run directory's shards into one scores file (in input order)."""
+    with cli_errors():
+        from memscan.run.merge import merge_run
+
+        rows = merge_run(run_dir, output, allow_partial=partial)
+        _say(f"{rows} rows -> {output}")
 
 
 @app.command("models")
@@ -161,6 +235,204 @@ def list_models() -> None:
             table.add_row(name, p.source, p.prediction_type, str(p.resolution), str(p.w_norm), str(p.w_align),
                           "-" if p.threshold is None else f"{p.threshold:.4g}")
         Console().print(table)
+
+
+def _table_console() -> Console:
+    """stderr, 120 columns wide when it is not a terminal (logs and CI keep whole rows)."""
+    return stderr if stderr.is_terminal else Console(stderr=True, width=120)
+
+
+def _evaluation_table(rows: list[dict[str, Any]], title: str) -> Table:
+    """One line per method, target FPR and convention: TPR, the FPR reached and its threshold."""
+    table = Table(title=title, title_justify="left")
+    for column in ("method", "mem", "not", "AUC", "target FPR", "convention", "TPR", "FPR", "threshold"):
+        table.add_column(column, justify="left" if column in ("method", "convention") else "right")
+    for row in rows:
+        first = True
+        for target, by_convention in row["tpr_at_fpr"].items():
+            for convention, p in by_convention.items():
+                head = (row["name"], str(row["n_memorized"]), str(row["n_not_memorized"]), f"{row['auc']:.3f}")
+                table.add_row(*(head if first else ("", "", "", "")), f"{float(target):.0%}", convention,
+                              f"{p['tpr']:.3f}", f"{p['fpr']:.3f}", f"> {p['threshold']:.6g}")
+                first = False
+        table.add_section()
+    return table
+
+
+def _bench_table(rows: list[dict[str, Any]], title: str) -> Table:
+    """The papers' Table 1 layout: AUC, TPR@FPR (both conventions), seconds and UNet evaluations per prompt."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("method")
+    table.add_column("AUC", justify="right")
+    keys = [(t, c) for t, by in rows[0]["tpr_at_fpr"].items() for c in by]
+    for target, convention in keys:
+        table.add_column(f"TPR@{float(target):.0%}\n{convention}", justify="right")
+    table.add_column("s/prompt", justify="right")
+    table.add_column("UNet/prompt", justify="right")
+    for row in rows:
+        tprs = [f"{row['tpr_at_fpr'][t][c]['tpr']:.3f}" for t, c in keys]
+        table.add_row(row["name"], f"{row['auc']:.3f}", *tprs, f"{row['seconds_per_prompt']:.3g}",
+                      str(row["unet_evals_per_prompt"]))
+    return table
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    scores: Annotated[list[Path], typer.Argument(metavar="SCORES...", help="Scores Parquet files (one per method).")],
+    labels: Annotated[Path | None, typer.Option(help="Labels: any prompt file with a label column (1/0, memorized/not_memorized); joined on prompt_id, else prompt text [default: a label column in SCORES].")] = None,
+    label_column: Annotated[str, typer.Option("--label-column", help="Name of the label column.")] = "label",
+    column: Annotated[list[str] | None, typer.Option("--column", help="Score column(s) to evaluate, e.g. --column norm --column alignment [default: score].")] = None,
+    target_fpr: Annotated[list[float] | None, typer.Option("--target-fpr", help="Target FPR(s) [default: 0.01 and 0.03].")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
+) -> None:
+    """ROC AUC and TPR at 1%/3% FPR (closest point and Wen et al.'s strictly-below point) with thresholds."""
+    with cli_errors():
+        from memscan.evaluate import DEFAULT_TARGETS, evaluate_files
+
+        rows = evaluate_files(scores, labels, columns=column or ["score"], targets=target_fpr or DEFAULT_TARGETS,
+                              label_column=label_column)
+        if json_out:
+            typer.echo(json.dumps(rows, indent=2))
+        _table_console().print(_evaluation_table(rows, "detection on labelled prompts (closest: reference code; below: Wen et al.)"))
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    scores: Annotated[Path, typer.Argument(metavar="SCORES", help="Scores Parquet file of labelled prompts (anisotropy: norm and alignment columns).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Profile TOML to write; use it as `detect --model FILE.toml`.")],
+    labels: Annotated[Path | None, typer.Option(help="Labels file (see `evaluate`) [default: a label column in SCORES].")] = None,
+    label_column: Annotated[str, typer.Option("--label-column", help="Name of the label column.")] = "label",
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Profile to start from [default: the one the scores were made with].")] = None,
+    target_fpr: Annotated[float, typer.Option("--target-fpr", help="Share of clean prompts allowed above the threshold.")] = 0.01,
+    confidence: Annotated[float, typer.Option(help="Probability that the FPR on new clean prompts stays within the target.")] = 0.9,
+    fit: Annotated[bool, typer.Option("--fit/--no-fit", help="Fit w_norm and w_align by logistic regression (else keep the scores' weights).")] = True,
+    holdout: Annotated[float, typer.Option(help="Share of labelled prompts kept aside to measure FPR/TPR on (stratified).")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the holdout split.")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the calibration as JSON on stdout.")] = False,
+) -> None:
+    """Fit the term weights and the threshold at a target FPR on clean prompts; write a profile."""
+    with cli_errors():
+        from memscan.evaluate import calibrate_scores
+
+        profile, result = calibrate_scores(
+            scores, output, labels_path=labels, model=model, target_fpr=target_fpr, confidence=confidence, fit=fit, holdout=holdout,
+            seed=seed, label_column=label_column,
+        )
+        if json_out:
+            typer.echo(json.dumps({"profile": str(output), **result.to_dict()}, indent=2))
+        weights = "" if result.w_norm is None else f"w_norm {result.w_norm:.4g}, w_align {result.w_align:.4g}, "
+        held = result.holdout
+        _say(
+            f"{weights}threshold {result.threshold:.6g}: FPR {result.fpr:.3f} (target {target_fpr:g}), "
+            f"TPR {result.tpr if result.tpr is None else round(result.tpr, 3)} on {result.n_clean} clean / "
+            f"{result.n_memorized} memorized prompts"
+            + (f"; held out: FPR {held['fpr']:.3f}, TPR {held['tpr']:.3f}" if held and held["tpr"] is not None else "")
+            + f" -> {output} (detect --model {output})"
+        )
+        if not result.guaranteed:
+            from memscan.evaluate import min_clean_prompts
+
+            _say(f"memscan: warning: {result.n_clean} clean prompts are too few to bound the FPR at {target_fpr:g} "
+                 f"with confidence {confidence:g} (need {min_clean_prompts(target_fpr, confidence)}); "
+                 "the largest clean score is the threshold")
+
+
+@app.command("report")
+def report_cmd(
+    scores: Annotated[list[Path], typer.Argument(metavar="SCORES...", help="Scores Parquet files (one per method).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="HTML file to write.")] = Path("report.html"),
+    labels: Annotated[Path | None, typer.Option(help="Labels file (see `evaluate`) for histograms by class and ROC curves.")] = None,
+    label_column: Annotated[str, typer.Option("--label-column", help="Name of the label column.")] = "label",
+    threshold: Annotated[float | None, typer.Option(help="Threshold to draw [default: the one the scores were flagged with].")] = None,
+    top: Annotated[int, typer.Option(help="Top-scored prompts listed per method.")] = 20,
+    title: Annotated[str, typer.Option(help="Page title.")] = "memscan report",
+) -> None:
+    """One self-contained HTML page: histograms, ROC curves, threshold, top flagged prompts."""
+    with cli_errors():
+        from memscan.report import load_report_inputs, write_report
+
+        items = load_report_inputs(scores, labels=labels, label_column=label_column, threshold=threshold)
+        _say(f"report -> {write_report(items, output, title=title, top=top)}")
+
+
+@app.command("bench")
+def bench_cmd(
+    model: Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, .safetensors file, or hub id.")] = "demo",
+    suite: Annotated[str | None, typer.Option(help="sd1 (sd1_mem vs sd1_nmem), sd2 (sd2_mem vs sd1_nmem), demo, or a prompt file with a label column [default: by model].")] = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated method specs, e.g. anisotropy,wen:steps=10.")] = "anisotropy,wen,norm,alignment,sharpness",
+    limit: Annotated[int | None, typer.Option(help="At most this many prompts of each class (seeded sample).")] = None,
+    n_noise: Annotated[int, typer.Option("--n-noise", help="Initial noises per prompt (n).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the shared noise bank.")] = 51,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per UNet call.")] = 16,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Write one scores Parquet per method and labels.csv here.")] = None,
+    report: Annotated[Path | None, typer.Option(help="Also write the HTML report here.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
+) -> None:
+    """The public benchmark (or the demo's labelled prompts) for every method: AUC, TPR@FPR, speed."""
+    with cli_errors():
+        from memscan.bench import run_bench
+
+        specs = [m.strip() for m in methods.split(",") if m.strip()]
+        suite_name, results = run_bench(
+            model, methods=specs, suite=suite, limit=limit, n_noise=n_noise, seed=seed, batch_size=batch_size,
+            device=device, dtype=dtype, out_dir=out_dir,
+        )
+        rows = [{**r.to_dict(), "name": r.method} for r in results]
+        if json_out:
+            typer.echo(json.dumps({"model": model, "suite": suite_name, "n_noise": n_noise, "results": rows}, indent=2))
+        _table_console().print(_bench_table(rows, f"bench: {model} on {suite_name} ({rows[0]['n_memorized']} memorized, {rows[0]['n_not_memorized']} not), n_noise={n_noise}"))
+        if report is not None:
+            from memscan.report import ReportInput, write_report
+
+            items = [ReportInput(r.method, r.scores, r.facts) for r in results]
+            _say(f"report -> {write_report(items, report, title=f'memscan bench: {model} on {suite_name}')}")
+
+
+@app.command("mitigate")
+def mitigate_cmd(
+    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Prompts (CSV, TSV, Parquet, JSONL, TXT) or a `detect` output Parquet (its flagged rows).")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output Parquet [default: INPUT-NAME.mitigated.parquet].")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, .safetensors file, or hub id.")] = "demo",
+    target: Annotated[float | None, typer.Option(help="Rewrite until the score is below this [default: the profile's threshold].")] = None,
+    min_similarity: Annotated[float, typer.Option("--min-similarity", help="Least pooled text-embedding cosine of a rewrite to the original.")] = 0.8,
+    beam_width: Annotated[int, typer.Option("--beam-width", help="Candidates kept per round (half by score, half by similarity).")] = 4,
+    max_edits: Annotated[int, typer.Option("--max-edits", help="Most edits in one rewrite (search rounds).")] = 3,
+    all_rows: Annotated[bool, typer.Option("--all", help="From a detect output, take every row, not only the flagged ones.")] = False,
+    emit_embeddings: Annotated[Path | None, typer.Option("--emit-embeddings", help="Also optimise each prompt's embedding; save them here (safetensors, by prompt_id).")] = None,
+    embedding_steps: Annotated[int, typer.Option("--embedding-steps", help="Most AdamW steps of the embedding optimisation.")] = 10,
+    n_noise: Annotated[int, typer.Option("--n-noise", help="Initial noises per prompt (n).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the shared noise bank.")] = 51,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per UNet call.")] = 16,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
+    architecture: Annotated[str | None, typer.Option(help="Config folder for a single-file checkpoint: sd-v1, sd-v2, sd-v2-base.")] = None,
+    prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="Prompt column [default: prompt, caption or text].")] = None,
+    id_column: Annotated[str | None, typer.Option("--id-column", help="Id column [default: FILE:ROW].")] = None,
+    if_exists: Annotated[str, typer.Option("--if-exists", help="If an output exists: fail or overwrite.")] = "fail",
+    json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+) -> None:
+    """Rewrite memorized prompts into close ones that score under the threshold."""
+    with cli_errors():
+        from memscan.config import DetectSettings
+        from memscan.mitigation import MitigateSettings, mitigate
+
+        settings = MitigateSettings(
+            detect=DetectSettings(model=model, n_noise=n_noise, seed=seed, batch_size=batch_size, device=device,
+                                  dtype=dtype, architecture=architecture, prompt_column=prompt_column,
+                                  id_column=id_column),
+            target=target, min_similarity=min_similarity, beam_width=beam_width, max_edits=max_edits,
+            all_rows=all_rows, emit_embeddings=emit_embeddings, embedding_steps=embedding_steps,
+        )
+        default = _default_output(input_path).name.removesuffix(".scores.parquet") + ".mitigated.parquet"
+        s = mitigate(input_path, output or Path(default), settings, if_exists=if_exists).summary
+        if json_summary:
+            typer.echo(json.dumps(s, indent=2))
+        _say(
+            f"{s['rows']} rows, {s['attempted']} above {s['target']:.4g}: {s['ok']} rewritten, "
+            f"{s['unresolved']} unresolved; {s['seconds_per_prompt']} s/prompt -> {s['output']}"
+        )
 
 
 def main() -> None:

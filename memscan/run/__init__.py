@@ -1,0 +1,144 @@
+"""Run directories: sharded, resumable, idempotent detect runs on one or many workers."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from memscan.config import DetectSettings
+from memscan.errors import EXIT_FLAGGED, EXIT_OK, EXIT_PARTIAL, UsageError
+from memscan.run.executors import run_local, run_processes, run_ray, shards_for_rank, static_rank
+from memscan.run.job import RunOptions, ShardResult, ShardWorker, prepare_run, summarize_run
+from memscan.run.progress import RunProgress
+from memscan.run.rundir import RunDirectory, write_json
+
+EXECUTORS = ("local", "ray")
+
+
+@dataclass
+class RunOutcome:
+    """The summary written to summary.json and the exit code the CLI returns."""
+
+    summary: dict[str, Any]
+    exit_code: int
+
+
+def _pending(run: RunDirectory, retry_errors: bool) -> list[int]:
+    _, shards = run.plan()
+    stats = run.all_stats()
+    return [
+        s.id for s in shards
+        if s.id not in stats or (retry_errors and stats[s.id].get("failed_rows", 0) > 0)
+    ]
+
+
+def _devices(gpus: str | None, workers: int | None) -> list[str] | None:
+    """Devices of the worker processes: `--gpus 0,1` / `--gpus all`, or N CPU/auto workers."""
+    if gpus:
+        import torch
+
+        if gpus == "all":
+            count = torch.cuda.device_count()
+            if count == 0:
+                raise UsageError("--gpus all: no CUDA device is visible")
+            return [f"cuda:{i}" for i in range(count)]
+        try:
+            return [f"cuda:{int(g)}" for g in gpus.split(",") if g.strip()]
+        except ValueError:
+            raise UsageError(f"--gpus {gpus!r}: give device indices like 0,1 or 'all'") from None
+    if workers is not None and workers > 1:
+        return ["cpu"] * workers
+    return None
+
+
+def run_detect(
+    input_spec: str | Path,
+    out_dir: str | Path,
+    settings: DetectSettings,
+    options: RunOptions | None = None,
+    *,
+    executor: str = "local",
+    workers: int | None = None,
+    gpus: str | None = None,
+    fail_on_flagged: bool = False,
+    log_interval: float = 60.0,
+    interactive: bool | None = None,
+) -> RunOutcome:
+    """Plan or resume the run in `out_dir`, score its pending shards, write summary.json."""
+    options = options or RunOptions()
+    if executor not in EXECUTORS:
+        raise UsageError(f"--executor {executor!r}: use {' or '.join(EXECUTORS)}")
+    rank = static_rank()
+    multi_rank = rank is not None and rank.world_size > 1
+    if multi_rank and options.if_exists == "overwrite":
+        raise UsageError("--if-exists overwrite cannot be used by several ranks at once; clear the directory first")
+    started = time.perf_counter()
+    run = prepare_run(input_spec, out_dir, settings, options)
+    todo = _pending(run, options.retry_errors)
+    if multi_rank:
+        todo = shards_for_rank(todo, rank)
+        if settings.device == "auto" and rank.local_rank is not None:
+            import torch
+
+            if torch.cuda.is_available():
+                settings = DetectSettings(**{**settings.to_dict(), "device": f"cuda:{rank.local_rank}"})
+    before = summarize_run(run)
+    progress = RunProgress(
+        total_shards=before["shards"], total_rows=before["rows"], done_shards=before["done"],
+        done_rows=before["rows_done"], interval=log_interval, interactive=interactive,
+    )
+    results: list[ShardResult] = []
+
+    def on_result(result: ShardResult) -> None:
+        results.append(result)
+        progress.advance(rows=result.rows, ok=result.ok)
+
+    try:
+        if todo:
+            devices = _devices(gpus, workers)
+            if executor == "ray":
+                use_gpu = bool(gpus) or (settings.device != "cpu" and _cuda_available())
+                run_ray(str(run.root), settings, todo, workers=len(devices or [None]),
+                        retry_errors=options.retry_errors, on_result=on_result, use_gpu=use_gpu)
+            elif devices is not None:
+                run_processes(str(run.root), settings, todo, devices, retry_errors=options.retry_errors,
+                              on_result=on_result)
+            else:
+                run_local(str(run.root), settings, todo, retry_errors=options.retry_errors, on_result=on_result)
+    finally:
+        progress.close()
+        summary = summarize_run(run, seconds=time.perf_counter() - started)
+        summary["attempt"] = {
+            "shards_processed": sum(r.ok for r in results), "shards_failed": sum(not r.ok for r in results),
+            "rank": None if rank is None else rank.rank, "world_size": None if rank is None else rank.world_size,
+        }
+        write_json(run.summary_path, summary)
+    mine_done = all(run.is_done(s) for s in _my_shards(run, rank))
+    if not mine_done:
+        code = EXIT_PARTIAL
+    elif fail_on_flagged and summary["flagged"]:
+        code = EXIT_FLAGGED
+    else:
+        code = EXIT_OK
+    summary["exit_code"] = code
+    return RunOutcome(summary=summary, exit_code=code)
+
+
+def _my_shards(run: RunDirectory, rank: Any) -> list[Any]:
+    _, shards = run.plan()
+    if rank is None or rank.world_size == 1:
+        return shards
+    return [s for s in shards if s.id % rank.world_size == rank.rank]
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+__all__ = [
+    "RunDirectory", "RunOptions", "RunOutcome", "ShardWorker", "prepare_run", "run_detect", "summarize_run",
+]

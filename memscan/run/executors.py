@@ -1,0 +1,220 @@
+"""Executors: who processes which shards. All of them write the same run directory.
+
+- local: this process, shards in order (one GPU or the CPU).
+- static rank: under torchrun / accelerate / Slurm, take shards with id % world_size == rank.
+- processes: one worker process per device (`--gpus 0,1` or `--workers N`), pulling shard ids
+  from a queue; a shard whose worker died is handed to another worker.
+- ray: a pool of Ray actors (one GPU each, or CPU), each loading the pipeline once; a shard
+  whose actor died is re-submitted to a fresh actor. The run directory must be on storage all
+  nodes share.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from memscan.config import DetectSettings
+from memscan.errors import MemscanError, UsageError
+from memscan.run.job import ShardResult, ShardWorker, settings_for_device
+
+log = logging.getLogger("memscan")
+
+OnResult = Callable[[ShardResult], None]
+MAX_ATTEMPTS = 3  # times a shard is handed out when its worker keeps dying
+
+
+@dataclass(frozen=True)
+class Rank:
+    """This process's place in a multi-process launch."""
+
+    rank: int
+    world_size: int
+    local_rank: int | None
+
+
+def static_rank(env: dict[str, str] | None = None) -> Rank | None:
+    """The rank a launcher gave this process (torchrun/accelerate, else Slurm), if any."""
+    env = dict(os.environ if env is None else env)
+    pairs = (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
+    for rank_key, world_key, local_key in pairs:
+        if rank_key in env and world_key in env:
+            try:
+                rank, world = int(env[rank_key]), int(env[world_key])
+                local = int(env[local_key]) if local_key in env else None
+            except ValueError as exc:
+                raise UsageError(f"bad launcher environment: {rank_key}/{world_key} must be integers") from exc
+            if not 0 <= rank < world:
+                raise UsageError(f"bad launcher environment: {rank_key}={rank} with {world_key}={world}")
+            return Rank(rank, world, local)
+    return None
+
+
+def shards_for_rank(shard_ids: Sequence[int], rank: Rank) -> list[int]:
+    return [i for i in shard_ids if i % rank.world_size == rank.rank]
+
+
+def run_local(run_dir: str, settings: DetectSettings, shard_ids: Sequence[int], *,
+              retry_errors: bool, on_result: OnResult) -> None:
+    """Process shards in order in this process."""
+    worker = ShardWorker(run_dir, settings, retry_errors=retry_errors)
+    for shard_id in shard_ids:
+        on_result(worker.process(shard_id))
+
+
+# ---------------------------------------------------------------------- processes
+
+
+def _process_main(run_dir: str, settings: DetectSettings, retry_errors: bool, threads: int,
+                  tasks: Any, results: Any) -> None:
+    """A worker process: load once, then score shard ids from `tasks` until a None arrives."""
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        worker = ShardWorker(run_dir, settings, retry_errors=retry_errors)
+    except MemscanError as exc:
+        results.put(("fatal", exc.exit_code, str(exc)))
+        return
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
+        results.put(("fatal", 1, f"{type(exc).__name__}: {exc}"))
+        return
+    while (shard_id := tasks.get()) is not None:
+        results.put(("start", os.getpid(), shard_id))
+        results.put(("done", os.getpid(), worker.process(shard_id)))
+
+
+def run_processes(run_dir: str, settings: DetectSettings, shard_ids: Sequence[int], devices: Sequence[str], *,
+                  retry_errors: bool, on_result: OnResult) -> None:
+    """One worker process per device, pulling shard ids from a shared queue."""
+    import multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    tasks, results = context.Queue(), context.Queue()
+    threads = max(1, (os.cpu_count() or 1) // len(devices))
+    procs = {}
+    for device in devices:
+        proc = context.Process(
+            target=_process_main, daemon=True,
+            args=(run_dir, settings_for_device(settings, device), retry_errors, threads, tasks, results),
+        )
+        proc.start()
+        procs[proc.pid] = proc
+    attempts = dict.fromkeys(shard_ids, 1)
+    for shard_id in shard_ids:
+        tasks.put(shard_id)
+    in_flight: dict[int, int] = {}
+    remaining = set(shard_ids)
+    try:
+        while remaining:
+            try:
+                message = results.get(timeout=2.0)
+            except queue.Empty:
+                _recover_dead(procs, in_flight, attempts, remaining, tasks, on_result)
+                if not any(p.is_alive() for p in procs.values()):
+                    log.error("all worker processes died; %d shards left for a rerun", len(remaining))
+                    return
+                continue
+            if message[0] == "fatal":
+                raise MemscanError(message[2]) if message[1] == 1 else _error_with_code(message[1], message[2])
+            if message[0] == "start":
+                in_flight[message[1]] = message[2]
+            else:
+                result: ShardResult = message[2]
+                in_flight.pop(message[1], None)
+                remaining.discard(result.shard)
+                on_result(result)
+    finally:
+        for _ in procs:
+            tasks.put(None)
+        for proc in procs.values():
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+
+
+def _recover_dead(procs: dict[int, Any], in_flight: dict[int, int], attempts: dict[int, int],
+                  remaining: set[int], tasks: Any, on_result: OnResult) -> None:
+    """Hand the shard of a worker that died to the others (a few times at most)."""
+    for pid, proc in list(procs.items()):
+        if proc.is_alive() or pid not in in_flight:
+            continue
+        shard_id = in_flight.pop(pid)
+        if attempts[shard_id] < MAX_ATTEMPTS:
+            attempts[shard_id] += 1
+            log.warning("worker %d died on shard %d; handing it to another worker", pid, shard_id)
+            tasks.put(shard_id)
+        else:
+            remaining.discard(shard_id)
+            on_result(ShardResult(shard_id, ok=False, error=f"worker died {MAX_ATTEMPTS} times"))
+
+
+def _error_with_code(code: int, message: str) -> MemscanError:
+    error = MemscanError(message)
+    error.exit_code = code
+    return error
+
+
+# ---------------------------------------------------------------------- ray
+
+
+class _RayShardActor:
+    """Holds one loaded ShardWorker inside a Ray actor."""
+
+    def __init__(self, run_dir: str, settings: DetectSettings, retry_errors: bool) -> None:
+        self.worker = ShardWorker(run_dir, settings, retry_errors=retry_errors)
+
+    def process(self, shard_id: int) -> ShardResult:
+        return self.worker.process(shard_id)
+
+
+def run_ray(run_dir: str, settings: DetectSettings, shard_ids: Sequence[int], *, workers: int,
+            retry_errors: bool, on_result: OnResult, use_gpu: bool) -> None:
+    """A pool of Ray actors processing shard ids; a shard whose actor died goes to a new actor."""
+    try:
+        import ray
+        from ray.exceptions import RayActorError
+    except ImportError:
+        raise UsageError("--executor ray needs Ray: pip install 'memscan[ray]'") from None
+
+    if not ray.is_initialized():
+        # joins the cluster named by RAY_ADDRESS if set, else starts a local instance
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+                 **({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(workers, 1)}))
+    actor_class = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1, max_restarts=0)(_RayShardActor)
+
+    def new_actor() -> Any:
+        return actor_class.remote(run_dir, settings, retry_errors)
+
+    idle = [new_actor() for _ in range(workers)]
+    todo = list(shard_ids)
+    attempts = dict.fromkeys(shard_ids, 0)
+    running: dict[Any, tuple[Any, int]] = {}
+    while todo or running:
+        while todo and idle:
+            actor, shard_id = idle.pop(), todo.pop(0)
+            attempts[shard_id] += 1
+            running[actor.process.remote(shard_id)] = (actor, shard_id)
+        ready, _ = ray.wait(list(running), num_returns=1)
+        actor, shard_id = running.pop(ready[0])
+        try:
+            result = ray.get(ready[0])
+        except RayActorError:
+            log.warning("ray actor died on shard %d; re-submitting to a new actor", shard_id)
+            idle.append(new_actor())
+            if attempts[shard_id] < MAX_ATTEMPTS:
+                todo.append(shard_id)
+            else:
+                on_result(ShardResult(shard_id, ok=False, error=f"actor died {MAX_ATTEMPTS} times"))
+            continue
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, MemscanError) else None
+            if cause is not None:
+                raise cause from None
+            raise
+        idle.append(actor)
+        on_result(result)

@@ -1,0 +1,45 @@
+"""Merge a run directory's shards into one scores file, in shard order, in bounded memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from memscan.errors import PartialRunError
+from memscan.io.scores import METADATA_KEY, atomic_write_bytes
+from memscan.run.rundir import RunDirectory
+
+
+def merge_run(run_dir: str | Path, output: str | Path, *, allow_partial: bool = False) -> int:
+    """Concatenate the done shards into `output`; refuses an incomplete run unless allowed.
+
+    Returns the number of rows written."""
+    run = RunDirectory(run_dir)
+    _, shards = run.plan()
+    done = [s for s in shards if run.is_done(s)]
+    if len(done) < len(shards) and not allow_partial:
+        raise PartialRunError(
+            f"{run.root}: {len(shards) - len(done)} of {len(shards)} shards are not done; "
+            "rerun to resume, or pass --partial to merge what is there"
+        )
+    if not done:
+        raise PartialRunError(f"{run.root}: no shard is done yet")
+    first = pq.read_schema(run.shard_path(done[0]))
+    facts = json.loads((first.metadata or {}).get(METADATA_KEY, b"{}"))
+    facts["merged_shards"] = len(done)
+    facts["complete"] = len(done) == len(shards)
+    schema = first.with_metadata({METADATA_KEY: json.dumps(facts, sort_keys=True).encode()})
+    rows = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal rows
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for shard in done:
+                table = pq.read_table(run.shard_path(shard)).replace_schema_metadata(schema.metadata)
+                writer.write_table(table)
+                rows += table.num_rows
+
+    atomic_write_bytes(Path(output), write)
+    return rows
