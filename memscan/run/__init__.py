@@ -85,9 +85,12 @@ def run_detect(
             if torch.cuda.is_available():
                 settings = DetectSettings(**{**settings.to_dict(), "device": f"cuda:{rank.local_rank}"})
     before = summarize_run(run)
+    stats = run.all_stats()
+    redo = [stats[i] for i in todo if i in stats]  # done shards being retried count again when done
     progress = RunProgress(
-        total_shards=before["shards"], total_rows=before["rows"], done_shards=before["done"],
-        done_rows=before["rows_done"], interval=log_interval, interactive=interactive,
+        total_shards=before["shards"], total_rows=before["rows"], done_shards=before["done"] - len(redo),
+        done_rows=before["rows_done"] - sum(s["rows"] for s in redo), interval=log_interval,
+        interactive=interactive,
     )
     results: list[ShardResult] = []
 
