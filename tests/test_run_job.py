@@ -77,7 +77,8 @@ def test_changed_setting_is_refused_naming_it(tiny_model_dir: Path, prompts: Pat
     result = runner.invoke(app, ["detect", str(prompts), "-o", str(out), "--model", str(tiny_model_dir),
                                  "--shard-size", "60", "--n-noise", "2", "--device", "cpu"])
     assert result.exit_code == 2 and "n_noise" in result.stderr
-    redo = run_detect(prompts, out, _settings(tiny_model_dir, seed=52), RunOptions(shard_size=60, if_exists="overwrite"))
+    options = RunOptions(shard_size=60, if_exists="overwrite")
+    redo = run_detect(prompts, out, _settings(tiny_model_dir, seed=52), options)
     assert redo.exit_code == 0 and json.loads((out / "manifest.json").read_text())["settings"]["seed"] == 52
 
 

@@ -78,7 +78,8 @@ def test_millions_of_rows_are_planned_from_metadata_in_bounded_memory(tmp_path: 
     rows, chunk = 3_000_000, 500_000
     with pq.ParquetWriter(path, pa.schema([("prompt", pa.string())])) as writer:
         for start in range(0, rows, chunk):
-            writer.write_table(pa.table({"prompt": [f"caption number {i} of a large set" for i in range(start, start + chunk)]}))
+            texts = [f"caption number {i} of a large set" for i in range(start, start + chunk)]
+            writer.write_table(pa.table({"prompt": texts}))
     result = subprocess.run([sys.executable, "-c", _PLAN_SCRIPT, str(path)], capture_output=True, text=True, check=True)
     facts = json.loads(result.stdout.strip().splitlines()[-1])
     print("planning facts:", facts)
