@@ -152,7 +152,9 @@ class Scorer:
 
     def _score_batch(self, tokens: TokenizedPrompts, rows: list[int], state: Any) -> dict[str, np.ndarray]:
         idx = torch.tensor(rows, dtype=torch.long)
-        batch = TokenizedPrompts(input_ids=tokens.input_ids[idx], attention_mask=tokens.attention_mask[idx], truncated=[])
+        batch = TokenizedPrompts(
+            input_ids=tokens.input_ids[idx], attention_mask=tokens.attention_mask[idx], truncated=[]
+        )
         with torch.inference_mode():
             embeds = encode_ids(self.model, batch)
             values = self.method.score(self.model, state, self.noise, embeds)

@@ -76,6 +76,8 @@ def run_detect(
         raise UsageError("--if-exists overwrite cannot be used by several ranks at once; clear the directory first")
     started = time.perf_counter()
     run = prepare_run(input_spec, out_dir, settings, options)
+    if not multi_rank:
+        run.remove_stale_temporaries()  # left by a killed attempt; never trusted, now swept
     todo = _pending(run, options.retry_errors)
     if multi_rank:
         todo = shards_for_rank(todo, rank)

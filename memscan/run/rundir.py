@@ -129,6 +129,13 @@ class RunDirectory:
             return {}
         return {int(read_json(p)["shard"]): read_json(p) for p in sorted(self.failed_dir.glob("part-*.json"))}
 
+    def remove_stale_temporaries(self) -> None:
+        """Delete half-written temporaries of a killed attempt (only safe with no other writer)."""
+        for folder in (self.shards_dir, self.stats_dir, self.failed_dir, self.inputs_dir, self.root):
+            if folder.is_dir():
+                for path in folder.glob(".*.tmp"):
+                    path.unlink(missing_ok=True)
+
     def clear_outputs(self) -> None:
         """Remove everything a previous run wrote (for --if-exists overwrite)."""
         for folder in (self.shards_dir, self.stats_dir, self.failed_dir, self.inputs_dir):
