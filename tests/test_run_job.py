@@ -149,3 +149,12 @@ def test_status_and_merge_commands(tiny_model_dir: Path, prompts: Path, tmp_path
     assert pq.read_table(merged).num_rows == 120
     missing = runner.invoke(app, ["status", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "not a memscan run directory" in missing.stderr
+
+
+def test_input_errors_in_run_mode_exit_4(tiny_model_dir: Path, tmp_path: Path) -> None:
+    for bad in (tmp_path / "missing.csv", tmp_path / "empty-folder"):
+        if bad.suffix == "":
+            bad.mkdir()
+        result = runner.invoke(app, ["detect", str(bad), "-o", str(tmp_path / "run"), "--model", str(tiny_model_dir)])
+        assert result.exit_code == 4, result.output
+        assert result.stderr.startswith("memscan: error:") and len(result.stderr.strip().splitlines()) == 1
