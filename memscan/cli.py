@@ -23,6 +23,7 @@ from memscan.errors import (
     EXIT_FLAGGED,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
+    ConfigError,
     FlaggedPromptsError,
     MemscanError,
     UsageError,
@@ -34,6 +35,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # settings: defaults < --config FILE < environment (MEMSCAN_<COMMAND>_<OPTION>) < flags
+    context_settings={"auto_envvar_prefix": "MEMSCAN"},
 )
 stderr = Console(stderr=True)
 
@@ -69,13 +72,47 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _load_config(ctx: typer.Context, path: Path) -> dict[str, dict[str, Any]]:
+    """A TOML file with one table per command (`[detect]`, ...) as click's default_map."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    commands = getattr(ctx.command, "commands", {})
+    defaults: dict[str, dict[str, Any]] = {}
+    for name, table in raw.items():
+        if name not in commands or not isinstance(table, dict):
+            raise ConfigError(f"config {path}: [{name}] is not a memscan command ({', '.join(sorted(commands))})")
+        known = {param.name for param in commands[name].params}
+        options = {key.replace("-", "_"): value for key, value in table.items()}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"config {path}: [{name}] has unknown options {', '.join(unknown)}")
+        defaults[name] = options
+    return defaults
+
+
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", envvar="MEMSCAN_CONFIG", help="TOML file of defaults, one [command] table each."),
+    ] = None,
 ) -> None:
-    """memscan: memorization audits for Stable Diffusion prompts."""
+    """memscan: memorization audits for Stable Diffusion prompts.
+
+    Settings come from defaults < --config FILE < environment (MEMSCAN_DETECT_MODEL, ...) < flags."""
+    if config is not None:
+        with cli_errors():
+            ctx.default_map = _load_config(ctx, config)
 
 
 def _top_table(top: list[dict[str, Any]], title: str) -> Table:
@@ -327,8 +364,11 @@ def calibrate_cmd(
             f"TPR {result.tpr if result.tpr is None else round(result.tpr, 3)} on {result.n_clean} clean / "
             f"{result.n_memorized} memorized prompts"
             + (f"; held out: FPR {held['fpr']:.3f}, TPR {held['tpr']:.3f}" if held and held["tpr"] is not None else "")
-            + f" -> {output} (detect --model {output})"
+            + f" -> {output}"
         )
+        facts = profile.calibration
+        _say(f"use it as: memscan detect PROMPTS --model {output} --method {facts.get('method', 'anisotropy')} "
+             f"--n-noise {facts.get('n_noise', 1)} --seed {facts.get('seed', 51)} (the threshold holds for these only)")
         if not result.guaranteed:
             from memscan.evaluate import min_clean_prompts
 
@@ -380,6 +420,10 @@ def bench_cmd(
             device=device, dtype=dtype, out_dir=out_dir,
         )
         rows = [{**r.to_dict(), "name": r.method} for r in results]
+        for r in results:
+            if len(r.failed):
+                _say(f"memscan: warning: {r.method}: {len(r.failed)} prompts not scored, left out "
+                     f"({r.failed['status'].iloc[0]}: {r.failed['error'].iloc[0]})")
         if json_out:
             typer.echo(json.dumps({"model": model, "suite": suite_name, "n_noise": n_noise, "results": rows}, indent=2))
         _table_console().print(_bench_table(rows, f"bench: {model} on {suite_name} ({rows[0]['n_memorized']} memorized, {rows[0]['n_not_memorized']} not), n_noise={n_noise}"))
@@ -393,9 +437,9 @@ def bench_cmd(
 @app.command("mitigate")
 def mitigate_cmd(
     input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Prompts (CSV, TSV, Parquet, JSONL, TXT) or a `detect` output Parquet (its flagged rows).")],
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output Parquet [default: INPUT-NAME.mitigated.parquet].")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output Parquet (default: INPUT-NAME.mitigated.parquet).")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, .safetensors file, or hub id.")] = "demo",
-    target: Annotated[float | None, typer.Option(help="Rewrite until the score is below this [default: the profile's threshold].")] = None,
+    target: Annotated[float | None, typer.Option(help="Rewrite until the score is below this (default: the profile's threshold).")] = None,
     min_similarity: Annotated[float, typer.Option("--min-similarity", help="Least pooled text-embedding cosine of a rewrite to the original.")] = 0.8,
     beam_width: Annotated[int, typer.Option("--beam-width", help="Candidates kept per round (half by score, half by similarity).")] = 4,
     max_edits: Annotated[int, typer.Option("--max-edits", help="Most edits in one rewrite (search rounds).")] = 3,
@@ -408,8 +452,8 @@ def mitigate_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
     architecture: Annotated[str | None, typer.Option(help="Config folder for a single-file checkpoint: sd-v1, sd-v2, sd-v2-base.")] = None,
-    prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="Prompt column [default: prompt, caption or text].")] = None,
-    id_column: Annotated[str | None, typer.Option("--id-column", help="Id column [default: FILE:ROW].")] = None,
+    prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="Prompt column (default: prompt, caption or text).")] = None,
+    id_column: Annotated[str | None, typer.Option("--id-column", help="Id column (default: FILE:ROW).")] = None,
     if_exists: Annotated[str, typer.Option("--if-exists", help="If an output exists: fail or overwrite.")] = "fail",
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:

@@ -118,3 +118,26 @@ def test_models_lists_profiles() -> None:
     assert result.exit_code == 0
     for name in ("sd-v1-4", "sd-v2", "realistic-vision"):
         assert name in result.stdout
+
+
+def test_settings_precedence_config_env_flags(
+    tiny_model_dir: Path, prompts_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """defaults < --config FILE < MEMSCAN_DETECT_* environment < flags."""
+    config = tmp_path / "memscan.toml"
+    config.write_text(f'[detect]\nmodel = "{tiny_model_dir}"\nseed = 7\nn-noise = 2\n')
+
+    def facts(*extra: str) -> dict:
+        out = tmp_path / "s.parquet"
+        result = runner.invoke(app, ["--config", str(config), "detect", str(prompts_csv), "-o", str(out),
+                                     "--if-exists", "overwrite", *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(pq.read_table(out).schema.metadata[b"memscan"])
+
+    assert (facts()["seed"], facts()["n_noise"]) == (7, 2)
+    monkeypatch.setenv("MEMSCAN_DETECT_SEED", "8")
+    assert facts()["seed"] == 8
+    assert facts("--seed", "9")["seed"] == 9
+    config.write_text("[detect]\nseeed = 1\n")
+    bad = runner.invoke(app, ["--config", str(config), "detect", str(prompts_csv)])
+    assert bad.exit_code == 2 and "seeed" in bad.stderr
