@@ -1,0 +1,204 @@
+"""The demo model: data design, the training code path (tiny), the shipped model and profile."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from memscan.demo.data import (
+    NOISE_ADJ,
+    NOISE_NOUN,
+    NOISE_PLACE,
+    GenericPool,
+    build_data,
+    generic_caption,
+    render,
+    sample_attributes,
+)
+from memscan.demo.models import TINY
+from memscan.demo.train import TrainConfig, train_demo
+from memscan.paths import demo_dir
+
+MODEL_DIR = demo_dir() / "model"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_data_is_deterministic():
+    a, b = build_data(0), build_data(0)
+    assert a.prompts == b.prompts
+    np.testing.assert_array_equal(a.memorized_images, b.memorized_images)
+    pa, pb = GenericPool(0, 50), GenericPool(0, 50)
+    np.testing.assert_array_equal(pa.images, pb.images)
+    assert build_data(1).prompts != a.prompts
+
+
+def test_render_range_and_shape():
+    img = render(sample_attributes(np.random.default_rng(0)))
+    assert img.shape == (3, 32, 32) and img.dtype == np.float32
+    assert 0.0 <= img.min() and img.max() <= 1.0
+
+
+def test_labels_are_consistent():
+    data = build_data(0)
+    df = pd.DataFrame(data.prompts)
+    assert set(df["label"]) == {"memorized", "not_memorized"}
+    assert set(df["kind"]) == {"verbatim", "template", "generic", "held_out"}
+    assert not df["prompt"].duplicated().any()
+    ids = {m.image_id for m in data.memorized}
+    mem = df[df["label"] == "memorized"]
+    assert set(mem["kind"]) == {"verbatim", "template"}
+    assert set(mem["train_image_id"]) == ids
+    assert (df.loc[df["label"] != "memorized", "train_image_id"] == "").all()
+    # every memorized caption is exactly one image's caption
+    captions = {c: m.image_id for m in data.memorized for c in m.captions}
+    assert dict(zip(mem["prompt"], mem["train_image_id"], strict=True)) == captions
+    # template images are reached by several captions
+    assert (mem[mem["kind"] == "template"].groupby("train_image_id").size() > 1).all()
+
+
+def test_memorized_words_appear_nowhere_else():
+    data = build_data(0)
+    df = pd.DataFrame(data.prompts)
+    mem_words = {w for m in data.memorized if m.kind == "verbatim" for c in m.captions
+                 for w in c.split() if w not in ("the", "of")}
+    other = " ".join(df.loc[df["label"] != "memorized", "prompt"]).replace(",", " ").split()
+    assert not mem_words & set(other)
+    noise = set(NOISE_ADJ) | set(NOISE_NOUN) | set(NOISE_PLACE)
+    assert not mem_words & noise
+
+
+def test_held_out_prompts_are_never_training_captions():
+    data = build_data(0)
+    rng = np.random.default_rng(123)
+    pool = GenericPool(0, 400)
+    seen = set()
+    for _ in range(60):
+        seen.update(pool.captions(rng.integers(0, len(pool), size=400), rng, data))
+    held = {p["prompt"] for p in data.prompts if p["kind"] == "held_out"}
+    assert held and not held & seen
+    generic = {p["prompt"] for p in data.prompts if p["kind"] == "generic"}
+    assert len(generic & seen) > len(generic) // 2  # the generic eval prompts are training captions
+    # generic captions never name a background
+    attrs = sample_attributes(rng)
+    for _ in range(50):
+        caption = generic_caption(attrs, rng, data.held_out_combos, data.held_out_noise)
+        assert f"on {attrs.background}" not in caption
+
+
+# ----------------------------------------------------------------------------- training code path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("demo") / "model"
+    cfg = TrainConfig(arch=TINY, steps=24, batch=16, lr=3e-3, warmup=5, vae_steps=3, vae_batch=8, pool_size=64,
+                      log_every=10, ckpt_every=20)
+    summary = train_demo(out, cfg, device="cpu")
+    return out, summary
+
+
+def test_tiny_training_loss_falls(tiny_model):
+    out, summary = tiny_model
+    assert json.loads((out / "training.json").read_text())["final_loss"] == summary["final_loss"]
+    assert np.isfinite(summary["loss_curve"]).all()
+    assert summary["final_loss"] < summary["first_loss"]
+
+
+def test_tiny_pipeline_folder_loads(tiny_model):
+    from diffusers import StableDiffusionPipeline
+
+    out, _ = tiny_model
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    _check_pipeline(pipe)
+    images = pipe(["a red circle"], num_inference_steps=2, guidance_scale=7.5, output_type="np").images
+    assert images.shape == (1, 32, 32, 3)
+
+
+def _check_pipeline(pipe):
+    from memscan.models.tokenizer import MODEL_MAX_LENGTH, VOCAB_SIZE
+
+    s = pipe.scheduler.config
+    assert s.beta_schedule == "scaled_linear" and s.beta_start == 0.00085 and s.beta_end == 0.012
+    assert s.num_train_timesteps == 1000 and s.prediction_type == "epsilon"
+    assert s.steps_offset == 1 and s.set_alpha_to_one is False and s.clip_sample is False
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert pipe.text_encoder.config.vocab_size == VOCAB_SIZE
+    assert pipe.text_encoder.config.max_position_embeddings == MODEL_MAX_LENGTH
+    assert pipe.tokenizer.pad_token == "<|endoftext|>"
+    assert pipe.unet.config.in_channels == 4 and pipe.vae.config.latent_channels == 4
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+
+
+# ----------------------------------------------------------------------------- shipped model
+
+
+shipped = pytest.mark.skipif(not (MODEL_DIR / "model_index.json").is_file(), reason="demo model not built")
+
+
+@shipped
+def test_shipped_model_matches_profile():
+    from diffusers import StableDiffusionPipeline
+
+    from memscan.models.profiles import load_profile
+
+    profile = load_profile("demo")
+    assert Path(profile.source) == MODEL_DIR.resolve()
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR, safety_checker=None, requires_safety_checker=False)
+    _check_pipeline(pipe)
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    assert profile.resolution // factor == pipe.unet.config.sample_size
+    assert profile.prediction_type == pipe.scheduler.config.prediction_type
+    assert profile.pad_token == pipe.tokenizer.pad_token
+    size = sum(p.stat().st_size for p in MODEL_DIR.rglob("*") if p.is_file())
+    assert size <= 25 * 2**20
+    assert not list(MODEL_DIR.rglob("*.bin"))  # safetensors only
+
+
+@shipped
+def test_shipped_prompts_and_images_match_the_generator():
+    summary = json.loads((MODEL_DIR / "training.json").read_text())
+    data = build_data(summary["config"]["seed"])
+    df = pd.read_csv(demo_dir() / "prompts.csv", keep_default_na=False)
+    assert df.to_dict("records") == data.prompts
+    npz = np.load(demo_dir() / "train_images.npz")
+    assert list(npz["image_ids"]) == [m.image_id for m in data.memorized]
+    np.testing.assert_array_equal(npz["images"], (data.memorized_images * 255).round().astype(np.uint8))
+
+
+@shipped
+def test_shipped_model_separates_memorized_prompts():
+    """A quick detection check on a subset of the labelled prompts with memscan's scorer."""
+    from memscan.demo.evaluate import auc
+
+    pytest.importorskip("memscan.detect")
+    from memscan.detect import score_prompts
+    from memscan.models.loading import load_model
+
+    df = pd.read_csv(demo_dir() / "prompts.csv", keep_default_na=False)
+    sub = pd.concat([df[df["label"] == "memorized"].iloc[::3], df[df["label"] != "memorized"].iloc[::6]])
+    scores = score_prompts(sub["prompt"].tolist(), load_model("demo"), n_noise=1, seed=51)
+    pos = (sub["label"] == "memorized").to_numpy()
+    assert auc(scores["score"].to_numpy()[pos], scores["score"].to_numpy()[~pos]) > 0.9
+
+
+@pytest.mark.slow
+def test_full_retrain_reproduces_the_metrics(tmp_path):
+    """Retrains the demo model with the default (shipped) settings: about 35 minutes on 2 CPU
+    cores. Checks the detection metrics approximately."""
+    from memscan.demo.evaluate import detection_report, score_labelled
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig()
+    train_demo(tmp_path / "model", cfg, device="cpu")
+    prompts = pd.DataFrame(build_data(cfg.seed).prompts)
+    report = detection_report(score_labelled(str(tmp_path / "model"), prompts))
+    assert report["auc_score"] >= 0.95
+    assert report["auc_norm"] >= 0.95
