@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from memscan import __version__
+from memscan.demo.cli import demo_app
 from memscan.errors import (
     EXIT_FLAGGED,
     EXIT_INTERNAL,
@@ -38,6 +39,7 @@ app = typer.Typer(
     # settings: defaults < --config FILE < environment (MEMSCAN_<COMMAND>_<OPTION>) < flags
     context_settings={"auto_envvar_prefix": "MEMSCAN"},
 )
+app.add_typer(demo_app, name="demo")
 stderr = Console(stderr=True)
 
 

@@ -9,19 +9,24 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from memscan.cli import app
 from memscan.demo.data import (
     NOISE_ADJ,
     NOISE_NOUN,
     NOISE_PLACE,
     GenericPool,
     build_data,
+    export_data,
     generic_caption,
+    load_prompts,
     render,
     sample_attributes,
 )
 from memscan.demo.models import TINY
-from memscan.demo.train import TrainConfig, train_demo
+from memscan.demo.train import TrainConfig, demo_config, train_demo
+from memscan.errors import EXIT_USAGE, InputError, ModelError
 from memscan.paths import demo_dir
 
 MODEL_DIR = demo_dir() / "model"
@@ -92,6 +97,88 @@ def test_held_out_prompts_are_never_training_captions():
         assert f"on {attrs.background}" not in caption
 
 
+def _check_exported(folder: Path, seed: int) -> None:
+    """prompts.csv and train_images.npz in `folder` are exactly `build_data(seed)`'s."""
+    data = build_data(seed)
+    df = pd.read_csv(folder / "prompts.csv", keep_default_na=False)
+    assert df.to_dict("records") == data.prompts
+    npz = np.load(folder / "train_images.npz")
+    assert list(npz["image_ids"]) == [m.image_id for m in data.memorized]
+    np.testing.assert_array_equal(npz["images"], (data.memorized_images * 255).round().astype(np.uint8))
+
+
+def test_export_data_writes_the_generator_output(tmp_path):
+    summary = export_data(tmp_path / "out", seed=0)
+    assert summary["n_prompts"] == 384 and summary["n_images"] == 30
+    assert Path(summary["prompts_csv"]) == tmp_path / "out" / "prompts.csv"
+    _check_exported(tmp_path / "out", 0)
+
+
+def test_load_prompts_rebuilt_or_read(tmp_path):
+    rebuilt = load_prompts(None, seed=0)
+    assert rebuilt.to_dict("records") == build_data(0).prompts
+    export_data(tmp_path, seed=0)
+    pd.testing.assert_frame_equal(load_prompts(tmp_path / "prompts.csv"), rebuilt)
+    with pytest.raises(InputError, match="missing"):
+        load_prompts(tmp_path / "missing.csv")
+    (tmp_path / "bad.csv").write_text("prompt\na red circle\n")
+    with pytest.raises(InputError, match="label"):
+        load_prompts(tmp_path / "bad.csv")
+
+
+def test_demo_config_overrides():
+    assert demo_config() == TrainConfig()
+    cfg = demo_config(tiny=True, steps=7, unet_channels=(8, 16, 16), lr=None, min_snr_gamma=0)
+    assert cfg.arch.unet_channels == (8, 16, 16) and cfg.arch.text_width == TINY.text_width
+    assert cfg.steps == 7 and cfg.lr == TrainConfig().lr and cfg.min_snr_gamma is None
+    assert demo_config(min_snr_gamma=5.0).min_snr_gamma == 5.0
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+runner = CliRunner()
+
+
+def test_cli_demo_help():
+    result = runner.invoke(app, ["demo", "--help"])
+    assert result.exit_code == 0, result.output
+    for command in ("train", "export", "verify", "score"):
+        assert command in result.output
+    assert runner.invoke(app, ["demo"]).exit_code in (0, 2)  # no_args_is_help
+
+
+def test_cli_demo_train_tiny(tmp_path):
+    out = tmp_path / "model"
+    result = runner.invoke(app, ["demo", "train", "--tiny", "--out", str(out), "--steps", "3", "--batch", "4",
+                                 "--vae-steps", "2", "--pool-size", "16", "--unet-channels", "8,16,16"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "loss_curve" not in summary and np.isfinite(summary["final_loss"])
+    assert (out / "model_index.json").is_file() and (tmp_path / "model.work").is_dir()
+    saved = json.loads((out / "training.json").read_text())["config"]
+    assert saved["steps"] == 3 and saved["pool_size"] == 16
+    assert tuple(saved["arch"]["unet_channels"]) == (8, 16, 16)
+
+
+def test_cli_demo_export(tmp_path):
+    result = runner.invoke(app, ["demo", "export", "--out-dir", str(tmp_path), "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert "384 prompts" in result.stderr and result.stdout == ""
+    _check_exported(tmp_path, 1)
+
+
+@pytest.mark.parametrize("args", [
+    ["demo", "score", "--model", "no/such/model"],
+    ["demo", "verify", "--model", "no/such/model"],
+    ["demo", "train", "--out", "unused", "--unet-channels", "32,x"],
+])
+def test_cli_demo_errors_are_one_line(args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == EXIT_USAGE
+    assert result.stderr.startswith("memscan: error:") and len(result.stderr.strip().splitlines()) == 1
+
+
 # ----------------------------------------------------------------------------- training code path
 
 
@@ -120,6 +207,56 @@ def test_tiny_pipeline_folder_loads(tiny_model):
     _check_pipeline(pipe)
     images = pipe(["a red circle"], num_inference_steps=2, guidance_scale=7.5, output_type="np").images
     assert images.shape == (1, 32, 32, 3)
+
+
+@pytest.fixture(scope="module")
+def few_prompts(tmp_path_factory):
+    """A labelled subset (memorized and not) as a prompts.csv."""
+    df = pd.DataFrame(build_data(0).prompts)
+    sub = pd.concat([df[df["label"] == "memorized"].iloc[::9], df[df["label"] != "memorized"].iloc[::40]])
+    path = tmp_path_factory.mktemp("prompts") / "prompts.csv"
+    sub.to_csv(path, index=False)
+    return path, sub
+
+
+@pytest.mark.parametrize("minimal", [True, False])
+def test_score_model_on_tiny_model(tiny_model, few_prompts, tmp_path, minimal):
+    from memscan.demo.evaluate import score_model
+
+    out, _ = tiny_model
+    path, sub = few_prompts
+    pytest.importorskip("memscan.detect")
+    report = score_model(out, prompts=path, minimal=minimal, out=tmp_path / "scored.csv")
+    assert report["scorer"] == ("demo-minimal" if minimal else "memscan") and report["n"] == 1
+    assert report["n_memorized"] == (sub["label"] == "memorized").sum()
+    assert report["n_not_memorized"] == (sub["label"] != "memorized").sum()
+    assert 0.0 <= report["auc_score"] <= 1.0
+    scored = pd.read_csv(tmp_path / "scored.csv", keep_default_na=False)
+    assert scored["prompt"].tolist() == sub["prompt"].tolist()
+
+
+def test_verify_model_on_tiny_model(tiny_model, few_prompts, tmp_path):
+    from memscan.demo.verify import verify_model
+
+    out, _ = tiny_model
+    path, sub = few_prompts
+    result = verify_model(out, prompts=path, n=1, steps=2, n_fresh=10, out=tmp_path / "copies.csv")
+    assert result["n_per_prompt"] == 1 and result["space"] == "vae_roundtrip"
+    for key in ("memorized_prompts_reproducing", "non_memorized_prompts_copying", "vae_roundtrip_passes_raw"):
+        assert 0.0 <= result[key] <= 1.0
+    assert set(result["raw_pixels"]) >= {"memorized_generation_copy_rate", "copy_rate_verbatim"}
+    table = pd.read_csv(tmp_path / "copies.csv", keep_default_na=False)
+    assert table["prompt"].tolist() == sub["prompt"].tolist()
+    assert np.load(tmp_path / "copies.npz")["images"].shape == (len(sub), 1, 3, 32, 32)
+
+
+def test_library_refuses_a_missing_model(tmp_path):
+    from memscan.demo.evaluate import score_model
+    from memscan.demo.verify import verify_model
+
+    for fn in (score_model, verify_model):
+        with pytest.raises(ModelError, match="memscan demo train"):
+            fn(tmp_path / "nothing")
 
 
 def _check_pipeline(pipe):

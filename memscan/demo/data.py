@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -328,3 +329,47 @@ def fresh_renders(attrs: Attributes, n: int, seed: int) -> np.ndarray:
                                  texture=attrs.texture, background=attrs.background))
         for _ in range(n)
     ])
+
+
+# ----------------------------------------------------------------------------- files
+
+
+PROMPT_COLUMNS = ("prompt", "label", "kind", "train_image_id")
+
+
+def export_data(out_dir: str | Path, seed: int = 0) -> dict[str, object]:
+    """Write the labelled prompts (`prompts.csv`) and the memorized training images
+    (`train_images.npz`: uint8 `images` (M, 3, H, W), `image_ids`) of `build_data(seed)`."""
+    import pandas as pd
+
+    data = build_data(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts_csv, images_npz = out / "prompts.csv", out / "train_images.npz"
+    pd.DataFrame(data.prompts).to_csv(prompts_csv, index=False)
+    np.savez_compressed(
+        images_npz,
+        images=(data.memorized_images * 255).round().astype(np.uint8),
+        image_ids=np.array([m.image_id for m in data.memorized]),
+    )
+    return {"prompts_csv": str(prompts_csv), "train_images": str(images_npz),
+            "n_prompts": len(data.prompts), "n_images": len(data.memorized)}
+
+
+def load_prompts(path: str | Path | None = None, seed: int = 0):
+    """The labelled prompts (a DataFrame with PROMPT_COLUMNS): read from `path` (a prompts.csv
+    as `export_data` writes it), or rebuilt from `seed`."""
+    import pandas as pd
+
+    from memscan.errors import InputError
+
+    if path is None:
+        return pd.DataFrame(build_data(seed).prompts)
+    try:
+        df = pd.read_csv(path, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read prompts {path}: {exc}") from exc
+    missing = [c for c in PROMPT_COLUMNS if c not in df.columns]
+    if missing:
+        raise InputError(f"prompts {path}: missing column(s) {', '.join(missing)} (need {', '.join(PROMPT_COLUMNS)})")
+    return df

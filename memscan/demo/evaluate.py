@@ -8,6 +8,8 @@ on one shared x_T), used only while the project's scorer did not exist yet.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
@@ -127,3 +129,22 @@ def detection_report(scored: pd.DataFrame) -> dict:
         report[f"mean_norm_{kind}"] = round(float(grp["norm"].mean()), 4)
         report[f"mean_align_{kind}"] = round(float(grp["alignment"].mean()), 4)
     return report
+
+
+def score_model(model_dir: str | Path, *, seed: int = 0, prompts: str | Path | None = None, n: int = 1,
+                score_seed: int = 51, minimal: bool = False, w_norm: float = 1.0, w_align: float = 1.0,
+                out: str | Path | None = None) -> dict:
+    """Score the labelled prompts (`prompts` csv, or rebuilt from data seed `seed`) with memscan's
+    scorer (the demo profile's settings on `model_dir`), or with the demo's own `minimal_scores`
+    (`minimal`, weights `w_norm`, `w_align`), and report detection. `out` (csv): the scored
+    prompts. Returns {"scorer", "n", **detection_report}."""
+    from memscan.demo.data import load_prompts
+    from memscan.demo.verify import check_model_dir
+
+    check_model_dir(model_dir)
+    labelled = load_prompts(prompts, seed)
+    scored = score_labelled(str(model_dir), labelled, n_noise=n, seed=score_seed, w_norm=w_norm,
+                            w_align=w_align, use_memscan=not minimal)
+    if out:
+        scored.to_csv(out, index=False)
+    return {"scorer": scored["scorer"].iloc[0], "n": n, **detection_report(scored)}

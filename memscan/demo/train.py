@@ -1,7 +1,7 @@
 """Train the demo model: VAE first, then text encoder + UNet (DDPM, epsilon), saved as a
 diffusers `StableDiffusionPipeline` folder.
 
-One function, `train_demo`, does it all; `python -m memscan.demo train` wraps it. Same seed,
+One function, `train_demo`, does it all; `memscan demo train` wraps it. Same seed,
 same settings and the same thread count give the same weights.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 
 from memscan.demo.data import DemoData, GenericPool, build_data
 from memscan.demo.models import (
+    TINY,
     ArchConfig,
     build_scheduler,
     build_text_encoder,
@@ -60,7 +62,8 @@ class TrainConfig:
 
 
 def _log(msg: str) -> None:
-    print(time.strftime("%H:%M:%S"), msg, flush=True)
+    """One progress line on stderr (stdout carries the command's JSON summary)."""
+    print(time.strftime("%H:%M:%S"), msg, file=sys.stderr, flush=True)
 
 
 def _tokenizer():
@@ -290,3 +293,12 @@ def config_with(cfg: TrainConfig, **changes) -> TrainConfig:
     arch_changes = {k: v for k, v in changes.items() if k in arch_fields and v is not None}
     top = {k: v for k, v in changes.items() if k not in arch_fields and v is not None}
     return replace(cfg, arch=replace(cfg.arch, **arch_changes), **top)
+
+
+def demo_config(*, tiny: bool = False, min_snr_gamma: float | None = None, **overrides) -> TrainConfig:
+    """The shipped settings (`tiny`: the TINY architecture of the tests) with flat overrides as
+    `config_with` takes them (None keeps the default); `min_snr_gamma` 0 means plain MSE."""
+    cfg = config_with(TrainConfig(arch=TINY) if tiny else TrainConfig(), **overrides)
+    if min_snr_gamma is not None:
+        cfg = replace(cfg, min_snr_gamma=min_snr_gamma or None)
+    return cfg

@@ -20,6 +20,8 @@ THAT image's cutoff = a copy).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
@@ -125,3 +127,53 @@ def summarize(table: pd.DataFrame) -> dict:
     for kind, grp in table.groupby("kind"):
         out[f"copy_rate_{kind}"] = round(float(grp["copy_rate"].mean()), 4)
     return {k: round(v, 4) for k, v in out.items()}
+
+
+def load_pipeline(model_dir: str | Path, device: str = "cpu"):
+    """The demo model folder as a diffusers `StableDiffusionPipeline` (no safety checker, no
+    progress bars); a ModelError when `model_dir` is not a diffusers folder."""
+    from diffusers import StableDiffusionPipeline
+
+    check_model_dir(model_dir)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None,
+                                                   requires_safety_checker=False).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def check_model_dir(model_dir: str | Path) -> Path:
+    """`model_dir` if it is a diffusers pipeline folder, else a ModelError naming the fix."""
+    from memscan.errors import ModelError
+
+    path = Path(model_dir)
+    if not (path / "model_index.json").is_file():
+        raise ModelError(f"{model_dir} is not a diffusers model folder (no model_index.json); "
+                         f"train one with `memscan demo train --out {model_dir}`")
+    return path
+
+
+def verify_model(model_dir: str | Path, *, seed: int = 0, prompts: str | Path | None = None, n: int = 4,
+                 gen_seed: int = 0, out: str | Path | None = None, device: str = "cpu",
+                 steps: int = 50, n_fresh: int = N_FRESH) -> dict:
+    """Generate `n` images per labelled prompt (DDIM `steps`, guidance 7.5) and measure copying of
+    the training images of data seed `seed`.
+
+    Primary: both sides through the VAE round trip; secondary (`raw_pixels`): raw pixels, stricter,
+    as it also charges the model for the VAE's reconstruction error. `out` (csv): the per-prompt
+    table, and the generations next to it (.npz, uint8). Returns the summary."""
+    from memscan.demo.data import build_data, load_prompts
+
+    check_model_dir(model_dir)
+    data = build_data(seed)
+    table_prompts = load_prompts(prompts, seed)
+    pipe = load_pipeline(model_dir, device)
+    images = generate(pipe, table_prompts["prompt"].tolist(), n_per_prompt=n, seed=gen_seed, steps=steps)
+    vae_cut = copy_cutoffs(data, pipe, n_fresh=n_fresh)
+    table = copy_table(data, table_prompts, images, vae_cut, reference_images(data, pipe))
+    raw_cut = copy_cutoffs(data, n_fresh=n_fresh)
+    raw_table = copy_table(data, table_prompts, images, raw_cut, reference_images(data))
+    if out:
+        table.to_csv(out, index=False)
+        np.savez_compressed(Path(out).with_suffix(".npz"), images=(images * 255).round().astype(np.uint8))
+    return {"n_per_prompt": n, "space": "vae_roundtrip", **summarize(table),
+            "raw_pixels": summarize(raw_table), **vae_roundtrip_check(pipe, data, raw_cut)}
