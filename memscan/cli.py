@@ -138,7 +138,7 @@ def _default_output(input_path: Path) -> Path:
 @app.command()
 def detect(
     input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Prompts: CSV, TSV, Parquet, JSONL or TXT (optionally .gz); a folder or glob for a run directory.")],
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="A .parquet file, or a run directory (sharded, resumable) [default: INPUT-NAME.scores.parquet].")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="A .parquet file, or a run directory (sharded, resumable) (default: INPUT-NAME.scores.parquet).")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, .safetensors file, or hub id.")] = "demo",
     method: Annotated[str, typer.Option(help="Detection method.")] = "anisotropy",
     n_noise: Annotated[int, typer.Option("--n-noise", help="Initial noises per prompt (n).")] = 1,
@@ -146,16 +146,16 @@ def detect(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per UNet call (halved on out-of-memory).")] = 16,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
-    threshold: Annotated[float | None, typer.Option(help="Flag scores above this [default: the profile's].")] = None,
-    w_norm: Annotated[float | None, typer.Option("--w-norm", help="Weight of the norm term [default: the profile's].")] = None,
-    w_align: Annotated[float | None, typer.Option("--w-align", help="Weight of the alignment term [default: the profile's].")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Flag scores above this (default: the profile's).")] = None,
+    w_norm: Annotated[float | None, typer.Option("--w-norm", help="Weight of the norm term (default: the profile's).")] = None,
+    w_align: Annotated[float | None, typer.Option("--w-align", help="Weight of the alignment term (default: the profile's).")] = None,
     v_convention: Annotated[str | None, typer.Option("--v-convention", help="v-prediction models: epsilon (convert v to eps) or raw (score raw v, as the reference code).")] = None,
     architecture: Annotated[str | None, typer.Option(help="Config folder for a single-file checkpoint: sd-v1, sd-v2, sd-v2-base.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .ckpt/.bin checkpoints (they can run code).")] = False,
-    prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="Prompt column [default: prompt, caption or text].")] = None,
-    id_column: Annotated[str | None, typer.Option("--id-column", help="Id column [default: FILE:ROW].")] = None,
+    prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="Prompt column (default: prompt, caption or text).")] = None,
+    id_column: Annotated[str | None, typer.Option("--id-column", help="Id column (default: FILE:ROW).")] = None,
     store_prompt: Annotated[bool, typer.Option("--store-prompt/--no-store-prompt", help="Keep the prompt text in the output.")] = True,
-    if_exists: Annotated[str | None, typer.Option("--if-exists", help="Output exists: fail, overwrite, or resume (run directories) [default: fail for a file, resume for a directory].")] = None,
+    if_exists: Annotated[str | None, typer.Option("--if-exists", help="Output exists: fail, overwrite, or resume (run directories) (default: fail for a file, resume for a directory).")] = None,
     shard_size: Annotated[int, typer.Option("--shard-size", help="Rows per shard (run directories).")] = 10_000,
     retry_errors: Annotated[bool, typer.Option("--retry-errors", help="Rescore only rows whose status is not ok (run directories).")] = False,
     workers: Annotated[int | None, typer.Option(help="Worker processes (CPU) or Ray actors (run directories).")] = None,
@@ -318,10 +318,10 @@ def _bench_table(rows: list[dict[str, Any]], title: str) -> Table:
 @app.command("evaluate")
 def evaluate_cmd(
     scores: Annotated[list[Path], typer.Argument(metavar="SCORES...", help="Scores Parquet files (one per method).")],
-    labels: Annotated[Path | None, typer.Option(help="Labels: any prompt file with a label column (1/0, memorized/not_memorized); joined on prompt_id, else prompt text [default: a label column in SCORES].")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Labels: any prompt file with a label column (1/0, memorized/not_memorized); joined on prompt_id, else prompt text (default: a label column in SCORES).")] = None,
     label_column: Annotated[str, typer.Option("--label-column", help="Name of the label column.")] = "label",
-    column: Annotated[list[str] | None, typer.Option("--column", help="Score column(s) to evaluate, e.g. --column norm --column alignment [default: score].")] = None,
-    target_fpr: Annotated[list[float] | None, typer.Option("--target-fpr", help="Target FPR(s) [default: 0.01 and 0.03].")] = None,
+    column: Annotated[list[str] | None, typer.Option("--column", help="Score column(s) to evaluate, e.g. --column norm --column alignment (default: score).")] = None,
+    target_fpr: Annotated[list[float] | None, typer.Option("--target-fpr", help="Target FPR(s) (default: 0.01 and 0.03).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
 ) -> None:
     """ROC AUC and TPR at 1%/3% FPR (closest point and Wen et al.'s strictly-below point) with thresholds."""
@@ -339,9 +339,9 @@ def evaluate_cmd(
 def calibrate_cmd(
     scores: Annotated[Path, typer.Argument(metavar="SCORES", help="Scores Parquet file of labelled prompts (anisotropy: norm and alignment columns).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Profile TOML to write; use it as `detect --model FILE.toml`.")],
-    labels: Annotated[Path | None, typer.Option(help="Labels file (see `evaluate`) [default: a label column in SCORES].")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Labels file (see `evaluate`) (default: a label column in SCORES).")] = None,
     label_column: Annotated[str, typer.Option("--label-column", help="Name of the label column.")] = "label",
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Profile to start from [default: the one the scores were made with].")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Profile to start from (default: the one the scores were made with).")] = None,
     target_fpr: Annotated[float, typer.Option("--target-fpr", help="Share of clean prompts allowed above the threshold.")] = 0.01,
     confidence: Annotated[float, typer.Option(help="Probability that the FPR on new clean prompts stays within the target.")] = 0.9,
     fit: Annotated[bool, typer.Option("--fit/--no-fit", help="Fit w_norm and w_align by logistic regression (else keep the scores' weights).")] = True,
@@ -385,7 +385,7 @@ def report_cmd(
     output: Annotated[Path, typer.Option("-o", "--output", help="HTML file to write.")] = Path("report.html"),
     labels: Annotated[Path | None, typer.Option(help="Labels file (see `evaluate`) for histograms by class and ROC curves.")] = None,
     label_column: Annotated[str, typer.Option("--label-column", help="Name of the label column.")] = "label",
-    threshold: Annotated[float | None, typer.Option(help="Threshold to draw [default: the one the scores were flagged with].")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Threshold to draw (default: the one the scores were flagged with).")] = None,
     top: Annotated[int, typer.Option(help="Top-scored prompts listed per method.")] = 20,
     title: Annotated[str, typer.Option(help="Page title.")] = "memscan report",
 ) -> None:
@@ -400,7 +400,7 @@ def report_cmd(
 @app.command("bench")
 def bench_cmd(
     model: Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, .safetensors file, or hub id.")] = "demo",
-    suite: Annotated[str | None, typer.Option(help="sd1 (sd1_mem vs sd1_nmem), sd2 (sd2_mem vs sd1_nmem), demo, or a prompt file with a label column [default: by model].")] = None,
+    suite: Annotated[str | None, typer.Option(help="sd1 (sd1_mem vs sd1_nmem), sd2 (sd2_mem vs sd1_nmem), demo, or a prompt file with a label column (default: by model).")] = None,
     methods: Annotated[str, typer.Option(help="Comma-separated method specs, e.g. anisotropy,wen:steps=10.")] = "anisotropy,wen,norm,alignment,sharpness",
     limit: Annotated[int | None, typer.Option(help="At most this many prompts of each class (seeded sample).")] = None,
     n_noise: Annotated[int, typer.Option("--n-noise", help="Initial noises per prompt (n).")] = 1,
@@ -432,7 +432,7 @@ def bench_cmd(
         if report is not None:
             from memscan.report import ReportInput, write_report
 
-            items = [ReportInput(r.method, r.scores, r.facts) for r in results]
+            items = [ReportInput(r.method, r.scores, r.facts, r.facts.get("threshold")) for r in results]
             _say(f"report -> {write_report(items, report, title=f'memscan bench: {model} on {suite_name}')}")
 
 

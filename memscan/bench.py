@@ -1,0 +1,182 @@
+"""`memscan bench`: the public memorization benchmark (or any labelled prompt file) in one command.
+
+The model loads once; every method scores the same labelled prompts on the same noise bank, and
+the table reads like the papers' Table 1: AUC, TPR at 1% (and 3%) FPR under both conventions,
+seconds per prompt (wall time of scoring, shared pass included, model loading excluded) and the
+UNet evaluations each method declares.
+
+Suites: `sd1` (sd1_mem vs sd1_nmem), `sd2` (sd2_mem vs sd1_nmem), `demo` (the demo model's
+labelled prompts), or a path to any prompt file with a `label` column.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from memscan.errors import InputError, UsageError
+from memscan.evaluate import DEFAULT_TARGETS, LABEL_COLUMN, Evaluation, evaluate_frame, read_labels
+from memscan.io.scores import STATUS_OK
+from memscan.models.loading import ScoringModel
+from memscan.models.profiles import ModelProfile
+from memscan.paths import data_dir, demo_dir
+
+DEFAULT_METHODS = ("anisotropy", "wen", "norm", "alignment", "sharpness")
+SUITES: dict[str, tuple[str, str] | str] = {
+    "sd1": ("sd1_mem.txt", "sd1_nmem.txt"),
+    "sd2": ("sd2_mem.txt", "sd1_nmem.txt"),
+    "demo": "prompts.csv",
+}
+
+
+def benchmark_dir() -> Path:
+    """The shipped benchmark prompt lists (see data/benchmark/README.md)."""
+    return data_dir() / "benchmark"
+
+
+def default_suite(profile: ModelProfile) -> str:
+    """`demo` for the demo model, `sd2` for SD 2.x models, else `sd1`."""
+    if profile.name == "demo":
+        return "demo"
+    if profile.name.startswith("sd-v2") or profile.prediction_type == "v_prediction":
+        return "sd2"
+    return "sd1"
+
+
+def _labelled_list(path: Path, label: float) -> pd.DataFrame:
+    from memscan.io.readers import read_prompts
+
+    frame = read_prompts(path)
+    return pd.DataFrame({"prompt_id": frame["prompt_id"], "prompt": frame["prompt"], "label": label})
+
+
+def load_suite(suite: str, *, limit: int | None = None, seed: int = 0) -> pd.DataFrame:
+    """`prompt_id`, `prompt`, `label` (1 memorized, 0 not) of a named suite or a labelled file.
+
+    `limit` keeps at most that many prompts of each class, a seeded random sample in file order."""
+    spec = SUITES.get(suite)
+    if isinstance(spec, tuple):
+        mem, nmem = (benchmark_dir() / name for name in spec)
+        frame = pd.concat([_labelled_list(mem, 1.0), _labelled_list(nmem, 0.0)], ignore_index=True)
+    else:
+        path = demo_dir() / spec if spec else Path(suite)
+        if not path.is_file():
+            hint = " (the demo model's prompts are not there yet)" if spec else f"; suites: {', '.join(SUITES)}"
+            raise InputError(f"no benchmark prompts at {path}{hint}")
+        frame = read_labels(path, label_column=LABEL_COLUMN).dropna(subset=["label"]).reset_index(drop=True)
+    if limit is not None:
+        if limit < 1:
+            raise UsageError(f"--limit must be >= 1, got {limit}")
+        keep = [
+            part.sample(n=min(limit, len(part)), random_state=seed).index
+            for _, part in frame.groupby("label")
+        ]
+        frame = frame.loc[sorted(i for index in keep for i in index)].reset_index(drop=True)
+    return frame
+
+
+@dataclass
+class BenchResult:
+    """One method's scores on the suite, its evaluation, speed and declared cost."""
+
+    method: str
+    evaluation: Evaluation
+    seconds_per_prompt: float
+    unet_evals_per_prompt: int
+    scores: pd.DataFrame
+    facts: dict[str, Any]
+
+    @property
+    def failed(self) -> pd.DataFrame:
+        """Rows the method could not score (status not ok), left out of the evaluation."""
+        return self.scores[self.scores["status"] != STATUS_OK]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method, **self.evaluation.to_dict(), "seconds_per_prompt": self.seconds_per_prompt,
+            "unet_evals_per_prompt": self.unet_evals_per_prompt, "failed": len(self.failed),
+        }
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def profile_threshold(profile: ModelProfile, method_name: str, n_noise: int) -> float | None:
+    """The profile's threshold where it was calibrated for this method and n_noise, else None
+    (a profile without a calibration record is taken as calibrated for anisotropy)."""
+    record = profile.calibration
+    matches = record.get("method", "anisotropy") == method_name and record.get("n_noise", n_noise) == n_noise
+    return profile.threshold if matches else None
+
+
+def bench_method(
+    model: ScoringModel, spec: str, prompts: pd.DataFrame, *, n_noise: int = 1, seed: int = 51,
+    batch_size: int = 16, targets: Sequence[float] = DEFAULT_TARGETS,
+) -> BenchResult:
+    """Score the labelled prompts with one method and evaluate. Untimed warm-up: one full batch, and
+    the tokenizer's word cache filled with every prompt, so the order of methods does not matter."""
+    from memscan.methods import method_for
+    from memscan.models.text import tokenize
+    from memscan.scorer import Scorer
+
+    method = method_for(spec, model.profile)
+    tokenize(model, prompts["prompt"].tolist())
+    Scorer(model, method, n_noise=n_noise, seed=seed, batch_size=batch_size).score_texts(
+        prompts["prompt"].head(batch_size).tolist()
+    )
+    threshold = profile_threshold(model.profile, method.name, n_noise)
+    scorer = Scorer(model, method, n_noise=n_noise, seed=seed, batch_size=batch_size, threshold=threshold)
+    started = time.perf_counter()
+    scores = scorer.score_frame(prompts[["prompt_id", "prompt"]])
+    seconds = time.perf_counter() - started
+    scores["label"] = prompts["label"].to_numpy()
+    evaluation = evaluate_frame(scores, ("score",), targets=targets, name=spec)[0]
+    return BenchResult(
+        method=spec, evaluation=evaluation, seconds_per_prompt=seconds / len(prompts),
+        unet_evals_per_prompt=method.unet_evals_per_prompt(n_noise), scores=scores, facts=scorer.run_facts(),
+    )
+
+
+def write_bench_outputs(results: Sequence[BenchResult], prompts: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """One scores Parquet per method plus `labels.csv`, ready for `memscan evaluate` / `report`."""
+    from memscan import __version__
+    from memscan.io.scores import scores_schema, to_table, write_scores
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prompts[["prompt_id", "prompt", "label"]].astype({"label": int}).to_csv(out_dir / "labels.csv", index=False)
+    paths = []
+    for result in results:
+        columns = tuple(c for c in result.scores.columns if c in ("norm", "alignment", "score"))
+        path = out_dir / f"{_slug(result.method)}.parquet"
+        facts = {**result.facts, "memscan_version": __version__, "input": "bench"}
+        write_scores(to_table(result.scores, scores_schema(columns), facts), path)
+        paths.append(path)
+    return paths
+
+
+def run_bench(
+    model: ScoringModel | str = "demo", *, methods: Sequence[str] = DEFAULT_METHODS, suite: str | None = None,
+    limit: int | None = None, n_noise: int = 1, seed: int = 51, batch_size: int = 16, device: str = "auto",
+    dtype: str = "auto", targets: Sequence[float] = DEFAULT_TARGETS, out_dir: Path | None = None,
+) -> tuple[str, list[BenchResult]]:
+    """Load the model once and bench every method on the suite; returns (suite, results)."""
+    from memscan.models.loading import load_model
+
+    if isinstance(model, str):
+        model = load_model(model, device=device, dtype=dtype)
+    suite = suite or default_suite(model.profile)
+    prompts = load_suite(suite, limit=limit)
+    results = [
+        bench_method(model, spec, prompts, n_noise=n_noise, seed=seed, batch_size=batch_size, targets=targets)
+        for spec in methods
+    ]
+    if out_dir is not None:
+        write_bench_outputs(results, prompts, Path(out_dir))
+    return suite, results

@@ -1,0 +1,299 @@
+"""Metrics against scikit-learn and brute force; labels; calibration (weights, threshold, profile)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import norm as gaussian
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from memscan.errors import InputError, UsageError
+from memscan.evaluate import (
+    attach_labels,
+    calibrate,
+    calibrated_profile,
+    clean_threshold,
+    evaluate,
+    evaluate_frame,
+    fit_weights,
+    min_clean_prompts,
+    parse_labels,
+    profile_to_toml,
+    write_profile,
+)
+from memscan.models.profiles import ModelProfile, load_profile_file
+
+
+def _random_case(seed: int, ties: bool) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(300) < 0.3).astype(float)
+    scores = rng.normal(size=300) + 1.2 * labels
+    return labels, (np.round(scores, 1) if ties else scores)
+
+
+def _brute_best_tpr_below(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
+    """Max TPR over every threshold `score >= θ` whose FPR is strictly below the target."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    best = 0.0
+    for theta in np.unique(scores):
+        if (neg >= theta).mean() < target:
+            best = max(best, (pos >= theta).mean())
+    return best
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+def test_metrics_match_sklearn_and_brute_force(seed: int, ties: bool) -> None:
+    labels, scores = _random_case(seed, ties)
+    result = evaluate(labels, scores, targets=(0.01, 0.03, 0.1))
+    assert result.auc == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    mann_whitney = ((pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean())
+    assert result.auc == pytest.approx(mann_whitney, abs=1e-12)
+    fpr, tpr, _ = roc_curve(labels, scores)
+    for target in (0.01, 0.03, 0.1):
+        closest = result.point(target, "closest")
+        assert closest.tpr == tpr[np.argmin(np.abs(fpr - target))]  # the reference code's formula
+        below = result.point(target, "below")
+        assert below.tpr == tpr[np.where(fpr < target)[0][-1]]  # Wen et al.'s formula
+        assert below.tpr == pytest.approx(_brute_best_tpr_below(labels, scores, target))
+        assert below.fpr < target
+        for point in (closest, below):  # memscan's flag rule reproduces every reported point
+            flagged = scores > point.threshold
+            assert flagged[labels == 1].mean() == pytest.approx(point.tpr)
+            assert flagged[labels == 0].mean() == pytest.approx(point.fpr)
+    assert result.n_memorized == labels.sum() and result.n_not_memorized == (1 - labels).sum()
+
+
+def test_closest_may_exceed_the_target_and_below_never_does() -> None:
+    # ROC (drop_intermediate): (0, 0) (0, 1/3) (0.05, 1/3) (0.05, 1) (1, 1)
+    labels = np.r_[np.ones(3), np.zeros(20)]
+    scores = np.r_[[5.0, 4.0, 1.5, 4.5], np.linspace(0, 1, 19)]
+    result = evaluate(labels, scores, targets=(0.04,))
+    closest, below = result.point(0.04, "closest"), result.point(0.04, "below")
+    assert closest.fpr == pytest.approx(0.05)  # 5% is closer to 4% than 0% is: above the target
+    assert closest.tpr == pytest.approx(1 / 3)  # argmin takes the first point at that FPR, as the reference
+    assert (below.fpr, below.tpr) == (0.0, pytest.approx(1 / 3))
+
+
+@pytest.mark.parametrize("labels", [[1, 1, 1], [0, 0, 0], [], [np.nan, 1, 1]])
+def test_one_class_is_a_clear_input_error(labels: list[float]) -> None:
+    with pytest.raises(InputError, match="both memorized and not-memorized"):
+        evaluate(labels, np.arange(len(labels), dtype=float))
+
+
+def test_bad_targets_and_conventions_are_usage_errors() -> None:
+    for target in (0, 1, -0.1):
+        with pytest.raises(UsageError):
+            evaluate([1, 0, 1, 0], [1, 2, 3, 4], targets=(target,))
+
+
+def test_nonfinite_and_unlabelled_rows_are_excluded() -> None:
+    result = evaluate([1, 0, np.nan, 1, 0], [2.0, 1.0, 5.0, np.nan, 0.5])
+    assert (result.n_memorized, result.n_not_memorized, result.n_excluded) == (1, 2, 2)
+    frame = pd.DataFrame({"score": [2.0, 1.0, 3.0, 0.1], "label": [1, 0, 1, 0],
+                          "status": ["ok", "ok", "error", "ok"]})
+    (only,) = evaluate_frame(frame)
+    assert only.n_memorized == 1 and only.n_excluded == 1 and only.auc == 1.0
+
+
+def test_parse_labels() -> None:
+    got = parse_labels(["memorized", "not_memorized", "1", 0, True, "False", None, "", "Clean", np.nan])
+    np.testing.assert_array_equal(got, [1, 0, 1, 0, 1, 0, np.nan, np.nan, 0, np.nan])
+    with pytest.raises(InputError, match="unknown label values 'maybe'"):
+        parse_labels(["1", "maybe"])
+
+
+def test_attach_labels_by_id_then_by_prompt() -> None:
+    scores = pd.DataFrame({"prompt_id": ["f.csv:0", "f.csv:1", "f.csv:2"], "prompt": ["a", "b", "c"]})
+    by_id = pd.DataFrame({"prompt_id": ["f.csv:0", "f.csv:2"], "prompt": ["x", "y"], "label": [1.0, 0.0]})
+    np.testing.assert_array_equal(attach_labels(scores, by_id)["label"], [1, np.nan, 0])
+    by_text = pd.DataFrame({"prompt_id": ["g:0", "g:1", "g:2"], "prompt": ["c", "b", "a"], "label": [1.0, 0.0, 0.0]})
+    np.testing.assert_array_equal(attach_labels(scores, by_text)["label"], [0, 0, 1])
+    clash = pd.DataFrame({"prompt_id": ["g:0", "g:1"], "prompt": ["a", "a"], "label": [1.0, 0.0]})
+    with pytest.raises(InputError, match="conflicting labels"):
+        attach_labels(scores, clash)
+    with pytest.raises(InputError, match="no scored row matches"):
+        attach_labels(scores, pd.DataFrame({"prompt_id": ["z"], "prompt": ["z"], "label": [1.0]}))
+
+
+# ------------------------------------------------------------------------------------ calibration
+
+
+def test_clean_threshold_bounds_the_true_fpr_with_the_stated_confidence() -> None:
+    """Clean scores ~ N(0, 1), so the true FPR of a threshold is 1 - Φ(t); over 200 calibration draws
+    it exceeds the target in at most about 1 - confidence of them, and never on the draw itself."""
+    target, confidence, exceed = 0.01, 0.9, 0
+    for seed in range(200):
+        clean = np.random.default_rng(seed).normal(size=1000)
+        threshold, guaranteed = clean_threshold(clean, target, confidence)
+        assert guaranteed and (clean > threshold).mean() <= target
+        exceed += gaussian.sf(threshold) > target
+    assert exceed / 200 <= 1 - confidence + 0.05
+
+
+def test_clean_threshold_with_too_few_prompts_takes_the_maximum() -> None:
+    assert min_clean_prompts(0.01, 0.9) == 230
+    clean = np.arange(100.0)
+    assert clean_threshold(clean, 0.01, 0.9) == (99.0, False)
+    with pytest.raises(InputError, match="known-clean"):
+        clean_threshold(np.array([]), 0.01)
+
+
+def _synthetic_terms(seed: int, n_mem: int = 60, n_clean: int = 2000) -> pd.DataFrame:
+    """norm and alignment where memorization raises both, alignment twice as strongly per unit."""
+    rng = np.random.default_rng(seed)
+    label = np.r_[np.ones(n_mem), np.zeros(n_clean)]
+    norm = rng.normal(10, 1, label.size) + 1.5 * label
+    alignment = rng.normal(0, 0.5, label.size) + 1.5 * label
+    return pd.DataFrame({"norm": norm, "alignment": alignment, "label": label,
+                         "score": norm + alignment, "status": "ok"}).astype({"norm": "float32", "alignment": "float32"})
+
+
+def test_fit_weights_recovers_the_direction() -> None:
+    frame = _synthetic_terms(0, n_mem=2000)
+    w_norm, w_align = fit_weights(frame["norm"].to_numpy(), frame["alignment"].to_numpy(), frame["label"].to_numpy())
+    assert w_norm == 1.0
+    assert w_align == pytest.approx(4.0, rel=0.2)  # LDA direction: mean shift / variance = 1.5/1 and 1.5/0.25
+
+
+def test_calibrated_threshold_holds_on_held_out_clean_prompts(tmp_path: Path) -> None:
+    frame = _synthetic_terms(1, n_clean=6000)
+    result = calibrate(frame, target_fpr=0.01, holdout=0.5, seed=0)
+    assert result.fitted and result.guaranteed and result.n_clean == 3000
+    assert result.fpr <= 0.01
+    assert result.holdout is not None and result.holdout["n_clean"] == 3000
+    assert result.holdout["fpr"] <= 0.01
+    assert result.tpr > 0.5 and result.holdout["tpr"] > 0.5
+
+
+def test_no_fit_keeps_the_scores_weights() -> None:
+    frame = _synthetic_terms(2)
+    result = calibrate(frame, fit=False, weights=(1.0, 1.0))
+    assert (result.w_norm, result.w_align, result.fitted) == (1.0, 1.0, False)
+    plain = calibrate(frame.drop(columns=["norm", "alignment"]), fit=False)
+    assert plain.w_norm is None and plain.threshold == pytest.approx(result.threshold, rel=1e-6)
+    with pytest.raises(InputError, match="norm"):
+        calibrate(frame.drop(columns=["norm"]), fit=True)
+
+
+def test_profile_round_trips_through_toml(tmp_path: Path) -> None:
+    base = ModelProfile(name="x", source=str(tmp_path), description='quote " and \\ and é', w_norm=1.0, w_align=2.0)
+    result = calibrate(_synthetic_terms(3), target_fpr=0.05)
+    facts = {"method": "anisotropy", "n_noise": 1, "seed": 51, "dtype": "float32", "v_convention": "epsilon"}
+    profile = calibrated_profile(base, result, "mine", facts)
+    path = write_profile(profile, tmp_path / "mine.toml")
+    loaded = load_profile_file(path)
+    assert loaded == profile
+    assert loaded.threshold == result.threshold and loaded.w_align == result.w_align
+    assert loaded.calibration["target_fpr"] == 0.05 and loaded.calibration["n_noise"] == 1
+    assert "[scoring]" in profile_to_toml(profile) and "[calibration]" in profile_to_toml(profile)
+
+
+# ------------------------------------------------------------------------------------ commands
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
+SHAPES = ["circle", "square", "triangle", "star", "ring"]
+
+
+def _clean_prompts(start: int, count: int) -> list[str]:
+    """Disjoint slices of one shuffled pool: calibration and held-out prompts are exchangeable."""
+    combos = [f"a {c} {s} on a {b} background" for c in COLOURS for s in SHAPES for b in COLOURS if b != c]
+    order = np.random.default_rng(0).permutation(len(combos))
+    return [combos[i] for i in order[start : start + count]]
+
+
+def _labelled_csv(path: Path, clean: list[str], memorized: list[str]) -> Path:
+    rows = [(p, "not_memorized") for p in clean] + [(p, "memorized") for p in memorized]
+    pd.DataFrame(rows, columns=["prompt", "label"]).to_csv(path, index=False)
+    return path
+
+
+def test_evaluate_calibrate_detect_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """detect -> evaluate -> calibrate (profile TOML) -> detect --model PROFILE flags, and the
+    threshold keeps the FPR within the target on clean prompts it never saw."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from memscan.cli import app
+
+    runner = CliRunner()
+    memorized = [f"the {a} {n} of lindale" for a in ("quiet", "golden", "hidden", "broken", "silver", "ancient")
+                 for n in ("harbour", "tower")]
+    prompts = _labelled_csv(tmp_path / "prompts.csv", _clean_prompts(0, 40), memorized)
+    scores = tmp_path / "scores.parquet"
+    result = runner.invoke(app, ["detect", str(prompts), "-o", str(scores), "--model", str(tiny_model_dir)])
+    assert result.exit_code == 0, result.output
+
+    result = runner.invoke(app, ["evaluate", str(scores), "--labels", str(prompts), "--json", "--column", "score",
+                                 "--column", "norm"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["name"] for r in rows] == ["anisotropy", "anisotropy:norm"]
+    assert rows[0]["n_memorized"] == 12 and rows[0]["n_not_memorized"] == 40
+    assert set(rows[0]["tpr_at_fpr"]) == {"0.01", "0.03"}
+    assert set(rows[0]["tpr_at_fpr"]["0.01"]) == {"closest", "below"}
+    assert "closest" in result.stderr and "below" in result.stderr
+
+    profile = tmp_path / "tiny-calibrated.toml"
+    result = runner.invoke(app, ["calibrate", str(scores), "--labels", str(prompts), "-o", str(profile),
+                                 "--target-fpr", "0.2", "--json"])
+    assert result.exit_code == 0, result.output
+    calibration = json.loads(result.stdout)
+    assert calibration["guaranteed"] and calibration["fpr"] <= 0.2 and calibration["fitted"]
+
+    held_out = _labelled_csv(tmp_path / "held_out.csv", _clean_prompts(40, 60), [])
+    flagged_scores = tmp_path / "held_out.parquet"
+    result = runner.invoke(app, ["detect", str(held_out), "-o", str(flagged_scores), "--model", str(profile)])
+    assert result.exit_code == 0, result.output
+    frame = pd.read_parquet(flagged_scores)
+    assert frame["flagged"].notna().all()
+    np.testing.assert_array_equal(frame["flagged"].to_numpy(bool), frame["score"].to_numpy() > calibration["threshold"])
+    assert frame["flagged"].mean() <= 0.2, frame["flagged"].mean()
+    loaded = load_profile_file(profile)
+    assert loaded.threshold == calibration["threshold"] and loaded.w_norm == calibration["w_norm"]
+    assert Path(loaded.source) == tiny_model_dir
+
+
+def test_commands_fail_with_one_line(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from memscan.cli import app
+
+    runner = CliRunner()
+    prompts = _labelled_csv(tmp_path / "p.csv", _clean_prompts(0, 4), [])
+    scores = tmp_path / "s.parquet"
+    detected = runner.invoke(app, ["detect", str(prompts), "-o", str(scores), "--model", str(tiny_model_dir)])
+    assert detected.exit_code == 0, detected.output
+    result = runner.invoke(app, ["evaluate", str(scores), "--labels", str(prompts)])
+    assert result.exit_code == 4 and "both memorized and not-memorized" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = runner.invoke(app, ["evaluate", str(scores)])
+    assert result.exit_code == 4 and "--labels" in result.stderr
+    result = runner.invoke(app, ["evaluate", str(scores), "--labels", str(prompts), "--target-fpr", "2"])
+    assert result.exit_code in (2, 4)
+
+
+@pytest.mark.skipif(not (Path(__file__).parents[1] / "data/demo/model/model_index.json").is_file(),
+                    reason="the demo model is not built")
+def test_calibrate_on_the_demo_model_holds_on_held_out_prompts(tmp_path: Path) -> None:
+    """The demo's labelled prompts: fit on 70%, the threshold keeps FPR <= 1% on the 30% held out."""
+    from memscan.config import DetectSettings
+    from memscan.detect import detect
+    from memscan.evaluate import calibrate_scores
+    from memscan.paths import demo_dir
+
+    prompts = demo_dir() / "prompts.csv"
+    scores = tmp_path / "demo.parquet"
+    detect(prompts, scores, DetectSettings(model="demo", device="cpu"))
+    profile, result = calibrate_scores(scores, tmp_path / "demo-cal.toml", labels_path=prompts, holdout=0.3)
+    assert result.guaranteed and result.holdout is not None
+    assert result.holdout["n_clean"] == 100 and result.holdout["fpr"] <= 0.01
+    assert result.fpr <= 0.01 and profile.threshold == result.threshold
+    flagged = detect(prompts, None, DetectSettings(model=str(tmp_path / "demo-cal.toml"), device="cpu")).scores
+    clean = pd.read_csv(prompts)["label"].eq("not_memorized").to_numpy()
+    assert flagged["flagged"].notna().all() and flagged["flagged"].to_numpy(bool)[clean].mean() <= 0.01
