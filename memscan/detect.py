@@ -5,6 +5,7 @@ Library entry point behind `memscan detect`; the CLI only parses flags and print
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -28,7 +29,10 @@ from memscan.io.scores import (
 )
 from memscan.methods import method_for
 from memscan.models.loading import ScoringModel, load_model
+from memscan.models.profiles import ModelProfile
 from memscan.scorer import Scorer
+
+log = logging.getLogger("memscan")
 
 
 @dataclass
@@ -53,8 +57,30 @@ def build_scorer(settings: DetectSettings, model: ScoringModel | None = None) ->
     method = method_for(settings.method, model.profile)
     return Scorer(
         model, method, n_noise=settings.n_noise, seed=settings.seed,
-        batch_size=settings.batch_size, threshold=model.profile.threshold,
+        batch_size=settings.batch_size, threshold=applicable_threshold(settings, model.profile, method.name),
     )
+
+
+def applicable_threshold(settings: DetectSettings, profile: ModelProfile, method: str) -> float | None:
+    """The profile's threshold, unless it was calibrated for numbers this run does not produce.
+
+    A threshold fitted for one method or one set of weights means nothing for another, so it is
+    dropped (with a warning); another n_noise keeps it with a warning. `--threshold` always wins."""
+    if settings.threshold is not None or profile.threshold is None:
+        return profile.threshold
+    calibration = profile.calibration
+    dropped = []
+    if calibration.get("method", method) != method:
+        dropped.append(f"it was calibrated for method {calibration['method']!r}, not {method!r}")
+    if settings.w_norm is not None or settings.w_align is not None:
+        dropped.append("--w-norm/--w-align change the score it was calibrated on")
+    if dropped:
+        log.warning("not flagging with the profile's threshold: %s; pass --threshold to set one", "; ".join(dropped))
+        return None
+    if calibration.get("n_noise", settings.n_noise) != settings.n_noise:
+        log.warning("the profile's threshold was calibrated with n_noise=%s, this run uses %s: its FPR is not "
+                    "guaranteed", calibration["n_noise"], settings.n_noise)
+    return profile.threshold
 
 
 def score_prompts(
