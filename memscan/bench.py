@@ -108,14 +108,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
 
-def profile_threshold(profile: ModelProfile, method_name: str, n_noise: int) -> float | None:
-    """The profile's threshold where it was calibrated for this method and n_noise, else None
-    (a profile without a calibration record is taken as calibrated for anisotropy)."""
-    record = profile.calibration
-    matches = record.get("method", "anisotropy") == method_name and record.get("n_noise", n_noise) == n_noise
-    return profile.threshold if matches else None
-
-
 def bench_method(
     model: ScoringModel, spec: str, prompts: pd.DataFrame, *, n_noise: int = 1, seed: int = 51,
     batch_size: int = 16, targets: Sequence[float] = DEFAULT_TARGETS,
@@ -131,7 +123,10 @@ def bench_method(
     Scorer(model, method, n_noise=n_noise, seed=seed, batch_size=batch_size).score_texts(
         prompts["prompt"].head(batch_size).tolist()
     )
-    threshold = profile_threshold(model.profile, method.name, n_noise)
+    from memscan.config import DetectSettings
+    from memscan.detect import applicable_threshold
+
+    threshold = applicable_threshold(DetectSettings(n_noise=n_noise), model.profile, method.name)
     scorer = Scorer(model, method, n_noise=n_noise, seed=seed, batch_size=batch_size, threshold=threshold)
     started = time.perf_counter()
     scores = scorer.score_frame(prompts[["prompt_id", "prompt"]])

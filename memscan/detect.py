@@ -64,22 +64,22 @@ def build_scorer(settings: DetectSettings, model: ScoringModel | None = None) ->
 def applicable_threshold(settings: DetectSettings, profile: ModelProfile, method: str) -> float | None:
     """The profile's threshold, unless it was calibrated for numbers this run does not produce.
 
-    A threshold fitted for one method or one set of weights means nothing for another, so it is
-    dropped (with a warning); another n_noise keeps it with a warning. `--threshold` always wins."""
+    A threshold holds for the method, weights and n_noise it was calibrated with (a profile
+    without a calibration record counts as anisotropy at the run's n_noise); otherwise it is
+    dropped with a warning, since its FPR would be unknown. `--threshold` always wins."""
     if settings.threshold is not None or profile.threshold is None:
         return profile.threshold
     calibration = profile.calibration
-    dropped = []
-    if calibration.get("method", method) != method:
-        dropped.append(f"it was calibrated for method {calibration['method']!r}, not {method!r}")
-    if settings.w_norm is not None or settings.w_align is not None:
-        dropped.append("--w-norm/--w-align change the score it was calibrated on")
-    if dropped:
-        log.warning("not flagging with the profile's threshold: %s; pass --threshold to set one", "; ".join(dropped))
-        return None
+    reasons = []
+    if calibration.get("method", "anisotropy") != method:
+        reasons.append(f"it was calibrated for method {calibration.get('method', 'anisotropy')!r}, not {method!r}")
     if calibration.get("n_noise", settings.n_noise) != settings.n_noise:
-        log.warning("the profile's threshold was calibrated with n_noise=%s, this run uses %s: its FPR is not "
-                    "guaranteed", calibration["n_noise"], settings.n_noise)
+        reasons.append(f"it was calibrated with n_noise={calibration['n_noise']}, not {settings.n_noise}")
+    if settings.w_norm is not None or settings.w_align is not None:
+        reasons.append("--w-norm/--w-align change the score it was calibrated on")
+    if reasons:
+        log.warning("not flagging with the profile's threshold: %s; pass --threshold to set one", "; ".join(reasons))
+        return None
     return profile.threshold
 
 

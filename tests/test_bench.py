@@ -101,11 +101,15 @@ def test_bench_command(tiny_model_dir: Path, tmp_path: Path) -> None:
 
 
 def test_profile_threshold_applies_to_its_own_method_only() -> None:
-    from memscan.bench import profile_threshold
+    from memscan.config import DetectSettings
+    from memscan.detect import applicable_threshold
+
+    def threshold(profile: ModelProfile, method: str, n_noise: int) -> float | None:
+        return applicable_threshold(DetectSettings(n_noise=n_noise), profile, method)
 
     plain = ModelProfile(name="m", source="x", threshold=1.5)
-    assert profile_threshold(plain, "anisotropy", 1) == 1.5 and profile_threshold(plain, "wen", 1) is None
+    assert threshold(plain, "anisotropy", 1) == 1.5 and threshold(plain, "wen", 1) is None
     calibrated = ModelProfile(name="m", source="x", threshold=0.2, calibration={"method": "sharpness", "n_noise": 4})
-    assert profile_threshold(calibrated, "sharpness", 4) == 0.2
-    assert profile_threshold(calibrated, "sharpness", 1) is None
-    assert profile_threshold(calibrated, "anisotropy", 4) is None
+    assert threshold(calibrated, "sharpness", 4) == 0.2
+    assert threshold(calibrated, "sharpness", 1) is None
+    assert threshold(calibrated, "anisotropy", 4) is None

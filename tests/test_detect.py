@@ -73,7 +73,7 @@ def test_a_calibrated_threshold_only_applies_to_what_it_was_calibrated_for(tiny_
 
     profile = tiny_model.profile.with_overrides(threshold=0.5, calibration={"method": "anisotropy", "n_noise": 1})
     assert applicable_threshold(DetectSettings(), profile, "anisotropy") == 0.5
-    assert applicable_threshold(DetectSettings(n_noise=4), profile, "anisotropy") == 0.5  # kept, with a warning
+    assert applicable_threshold(DetectSettings(n_noise=4), profile, "anisotropy") is None
     assert applicable_threshold(DetectSettings(method="wen"), profile, "wen") is None
     assert applicable_threshold(DetectSettings(w_align=0.0), profile, "anisotropy") is None
     explicit = profile.with_overrides(threshold=2.0)
