@@ -1,0 +1,210 @@
+"""Do the rewrites stop the copying and keep what the prompt asks for? Generate and look (demo model).
+
+For every memorized demo prompt in a `mitigate` output, images are generated (the demo's own
+`memscan.demo.verify.generate`: DDIM 50 steps, guidance 7.5, the same seeds for every variant)
+from the original prompt, from its rewrite and, when given, from its optimised embedding. Then:
+
+- copying: the demo's copy measure (`memscan.demo.verify`: pixel MSE to the prompt's training
+  image under that image's calibrated cutoff, both through the VAE round trip, as `python -m
+  memscan.demo verify` reports it); a prompt copies when most of its generations do;
+- utility: the attributes a demo image can show (shape, colour, size) are read off each
+  generation by a reader calibrated on the model's own decoder (`memscan.mitigation.attributes`;
+  its accuracy on decoded renders is reported) and compared with what the prompt asks for. A
+  memorized caption ("the gilded owl of harrowgate") names no attribute, so what it asks for is
+  what it was trained to mean: its training image's shape, colour and size. The agreement of a
+  rewrite's images is reported against that of the original prompt's images;
+- the text similarity of the rewrites (from the `mitigate` output) and whether the prompts that
+  are not memorized came back unchanged.
+
+Run it with `python -m memscan.mitigation.check MITIGATED.parquet --model demo`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from memscan.io.scores import read_scores
+from memscan.mitigation.attributes import ATTRIBUTES, AttributeReader, agreement, decoded_renders
+from memscan.mitigation.table import STATUS_NOT_FLAGGED, STATUS_OK, STATUS_UNRESOLVED
+
+LABEL_COLUMNS = ("label", "kind", "train_image_id")
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """How many images per prompt, and the seeds that make the check repeatable."""
+
+    n_per_prompt: int = 4
+    gen_seed: int = 0
+    data_seed: int = 0
+    batch_size: int = 64
+    steps: int = 50
+    guidance: float = 7.5
+    reader_renders: int = 4000
+
+
+@torch.no_grad()
+def generate_from_embeddings(pipe: Any, embeds: torch.Tensor, settings: CheckSettings) -> np.ndarray:
+    """(P, n, 3, H, W) images from (P, 77, hidden) prompt embeddings, seeded batch by batch exactly
+    as `memscan.demo.verify.generate` seeds text prompts, so both see the same initial noise."""
+    n = settings.n_per_prompt
+    expanded = embeds.repeat_interleave(n, dim=0)
+    out = []
+    for i in range(0, len(expanded), settings.batch_size):
+        result = pipe(
+            prompt_embeds=expanded[i : i + settings.batch_size].to(pipe.device, pipe.unet.dtype),
+            num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+            generator=torch.Generator().manual_seed(settings.gen_seed + i), output_type="np",
+        )
+        out.append(result.images.transpose(0, 3, 1, 2))
+    images = np.concatenate(out).astype(np.float32)
+    return images.reshape(len(embeds), n, *images.shape[1:])
+
+
+def _agreements(reader: AttributeReader, images: np.ndarray, wanted: list[dict[str, str]]) -> np.ndarray:
+    """Per prompt, the mean attribute agreement of its generations with what it asks for."""
+    read = reader.read(images.reshape(-1, *images.shape[2:]))
+    each = [w for w in wanted for _ in range(images.shape[1])]
+    return np.array([agreement(r, w) for r, w in zip(read, each, strict=True)]).reshape(images.shape[:2]).mean(axis=1)
+
+
+def check_mitigation(
+    mitigated: str | Path,
+    model: str = "demo",
+    settings: CheckSettings | None = None,
+    *,
+    embeddings: str | Path | None = None,
+    prompts: pd.DataFrame | None = None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Per memorized prompt: copying and attribute agreement before and after; and the summary."""
+    from memscan.demo.data import build_data
+    from memscan.demo.verify import copy_cutoffs, copy_table, generate, reference_images, vae_roundtrip
+    from memscan.mitigation.embeddings import load_embeddings
+    from memscan.models.loading import load_model
+
+    settings = settings or CheckSettings()
+    rows, facts = read_scores(Path(mitigated))
+    target = float(facts["target"])
+    data = build_data(settings.data_seed)
+    labels = pd.DataFrame(data.prompts) if prompts is None else prompts
+    rows = rows.merge(labels[["prompt", *LABEL_COLUMNS]].drop_duplicates("prompt"), on="prompt", how="left")
+    mem = rows[rows["label"] == "memorized"].reset_index(drop=True)
+    non = rows[rows["label"] == "not_memorized"]
+    pipe = load_model(model, with_vae=True).pipeline
+    attrs = {m.image_id: {k: getattr(m.attrs, k) for k in ATTRIBUTES} for m in data.memorized}
+    wanted = [attrs[i] for i in mem["train_image_id"]]
+    cutoffs, train = copy_cutoffs(data, pipe), reference_images(data, pipe)  # the demo's VAE-space measure
+    decode = lambda images: vae_roundtrip(pipe, images)  # noqa: E731
+    reader = AttributeReader.calibrated(decode, n=settings.reader_renders, seed=settings.gen_seed)
+    gen = {"steps": settings.steps, "guidance": settings.guidance, "batch_size": settings.batch_size}
+
+    def measure(texts: list[str] | None, images: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if images is None:
+            images = generate(pipe, texts, settings.n_per_prompt, settings.gen_seed, **gen)
+        copies = copy_table(data, mem[["prompt", *LABEL_COLUMNS]], images, cutoffs, train)["copy_rate"].to_numpy()
+        return copies, _agreements(reader, images, wanted)
+
+    table = mem[["prompt_id", "prompt", "rewritten", "status", "score_before", "score_after", "similarity"]].copy()
+    table["copy_before"], table["agree_before"] = measure(mem["prompt"].tolist())
+    table["copy_after"], table["agree_after"] = measure(mem["rewritten"].tolist())
+    if embeddings is not None:
+        saved = load_embeddings(Path(embeddings))
+        has = mem["prompt_id"].isin(list(saved)).to_numpy()
+        stacked = torch.cat([saved[i] for i in mem.loc[has, "prompt_id"]]) if has.any() else None
+        for column in ("embedding_copy", "embedding_agree"):
+            table[column] = np.nan
+        if stacked is not None:
+            images = generate_from_embeddings(pipe, stacked, settings)
+            sub = mem[has].reset_index(drop=True)
+            copies = copy_table(data, sub[["prompt", *LABEL_COLUMNS]], images, cutoffs, train)["copy_rate"].to_numpy()
+            table.loc[has, "embedding_copy"] = copies
+            table.loc[has, "embedding_agree"] = _agreements(
+                reader, images, [w for w, h in zip(wanted, has, strict=True) if h]
+            )
+        table["embedding_score"] = mem.get("embedding_score", pd.Series(np.nan, index=mem.index))
+    summary = summarize_check(table, non, target)
+    held_out = decoded_renders(decode, n=500, seed=settings.gen_seed + 1)
+    summary["reader_accuracy_on_decoded_renders"] = {k: round(v, 4) for k, v in reader.accuracy(*held_out).items()}
+    summary["settings"] = settings.__dict__
+    return table, summary
+
+
+def summarize_check(table: pd.DataFrame, non: pd.DataFrame, target: float) -> dict[str, Any]:
+    """The numbers of the issue's "Done when", over the memorized prompts of a check table."""
+
+    def share(mask: pd.Series) -> float | None:
+        return round(float(mask.mean()), 4) if len(mask) else None
+
+    attempted = table[table["status"].isin([STATUS_OK, STATUS_UNRESOLVED])]
+    ok = table[table["status"] == STATUS_OK]
+    sims = ok["similarity"].astype(float)
+    out: dict[str, Any] = {
+        "target": target, "memorized": int(len(table)), "memorized_flagged": int(len(attempted)),
+        "memorized_rewritten_under_target": int(len(ok)),
+        "rewrite_success_rate_of_flagged": share(attempted["status"] == STATUS_OK),
+        "memorized_under_target_after": share(table["score_after"] < target),
+        "copying_prompts_before": share(table["copy_before"] > 0.5),
+        "generation_copy_rate_before": share(table["copy_before"]),
+        "ok_prompts_no_longer_copying": share(ok["copy_after"] <= 0.5),
+        "ok_prompts_copying_before_and_not_after": share(ok.loc[ok["copy_before"] > 0.5, "copy_after"] <= 0.5),
+        "ok_generation_copy_rate_before": share(ok["copy_before"]),
+        "ok_generation_copy_rate_after": share(ok["copy_after"]),
+        "similarity_of_ok": None if ok.empty else {
+            "mean": round(float(sims.mean()), 4), "min": round(float(sims.min()), 4),
+            **{f"q{int(q * 100)}": round(float(sims.quantile(q)), 4) for q in (0.1, 0.25, 0.5, 0.75)},
+        },
+        "ok_attribute_agreement_before": share(ok["agree_before"]),
+        "ok_attribute_agreement_after": share(ok["agree_after"]),
+        "not_memorized": int(len(non)),
+        "not_memorized_unchanged": share((non["status"] == STATUS_NOT_FLAGGED) & (non["rewritten"] == non["prompt"])),
+    }
+    before, after = out["ok_attribute_agreement_before"], out["ok_attribute_agreement_after"]
+    out["ok_attribute_agreement_ratio"] = round(after / before, 4) if before and after is not None else None
+    if "embedding_copy" in table:
+        emb = attempted[attempted["embedding_score"].notna()]
+        out["embedding_under_target_of_flagged"] = share(emb["embedding_score"] < target)
+        out["embedding_generation_copy_rate_before"] = share(emb["copy_before"])
+        out["embedding_generation_copy_rate_after"] = share(emb["embedding_copy"])
+        out["embedding_prompts_no_longer_copying"] = share(emb["embedding_copy"] <= 0.5)
+        agree_before, agree_after = share(emb["agree_before"]), share(emb["embedding_agree"])
+        out["embedding_attribute_agreement_before"] = agree_before
+        out["embedding_attribute_agreement_after"] = agree_after
+        out["embedding_attribute_agreement_ratio"] = (
+            round(agree_after / agree_before, 4) if agree_before and agree_after is not None else None
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m memscan.mitigation.check MITIGATED.parquet --model demo`: print the summary JSON."""
+    parser = argparse.ArgumentParser(prog="python -m memscan.mitigation.check", description=__doc__.splitlines()[0])
+    parser.add_argument("mitigated", help="a `memscan mitigate` output (Parquet)")
+    parser.add_argument("--model", default="demo", help="the demo model (profile name or folder)")
+    parser.add_argument("--embeddings", default=None, help="the --emit-embeddings file, to check it too")
+    parser.add_argument("--prompts", default=None, help="labelled prompts.csv [default: rebuilt from --data-seed]")
+    parser.add_argument("--n", type=int, default=4, help="generations per prompt and variant")
+    parser.add_argument("--gen-seed", type=int, default=0)
+    parser.add_argument("--data-seed", type=int, default=0, help="data seed the demo model was trained with")
+    parser.add_argument("--out", default=None, help="write the per-prompt table here (CSV)")
+    args = parser.parse_args(argv)
+    prompts = pd.read_csv(args.prompts, keep_default_na=False) if args.prompts else None
+    settings = CheckSettings(n_per_prompt=args.n, gen_seed=args.gen_seed, data_seed=args.data_seed)
+    table, summary = check_mitigation(args.mitigated, args.model, settings, embeddings=args.embeddings,
+                                      prompts=prompts)
+    if args.out:
+        table.to_csv(args.out, index=False)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

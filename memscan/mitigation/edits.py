@@ -1,0 +1,117 @@
+"""Candidate text edits of a prompt around its trigger words: delete, substitute, insert, reorder.
+
+A candidate is a sequence of word slots that remember which original word they hold, so later
+rounds of the search keep editing the original triggers and never re-edit a word they changed.
+Each edit is recorded as a short human-readable string (the `edits` column of the output).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+NEUTRAL_WORDS = ("photo", "picture", "image", "artwork")
+
+_CORE = re.compile(r"^(\W*)(.*?)(\W*)$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One word of a candidate; `origin` is its index in the original prompt (None if inserted)."""
+
+    text: str
+    origin: int | None
+    edited: bool = False
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A rewrite of the original prompt and the edits that made it."""
+
+    slots: tuple[Slot, ...]
+    edits: tuple[str, ...] = ()
+
+    @classmethod
+    def original(cls, words: Sequence[str]) -> Candidate:
+        return cls(tuple(Slot(w, i) for i, w in enumerate(words)))
+
+    @property
+    def text(self) -> str:
+        return " ".join(slot.text for slot in self.slots)
+
+    def position(self, origin: int) -> int | None:
+        """Slot index of the untouched original word `origin`, if it is still there."""
+        for pos, slot in enumerate(self.slots):
+            if slot.origin == origin and not slot.edited:
+                return pos
+        return None
+
+    def _with(self, slots: list[Slot], edit: str) -> Candidate:
+        return Candidate(tuple(slots), (*self.edits, edit))
+
+    def delete(self, pos: int) -> Candidate:
+        slots = list(self.slots)
+        gone = slots.pop(pos)
+        return self._with(slots, f'delete "{gone.text}"')
+
+    def substitute(self, pos: int, text: str) -> Candidate:
+        slots = list(self.slots)
+        old = slots[pos]
+        slots[pos] = replace(old, text=text, edited=True)
+        return self._with(slots, f'substitute "{old.text}" -> "{text}"')
+
+    def insert(self, pos: int, word: str, *, after: bool) -> Candidate:
+        slots = list(self.slots)
+        anchor = slots[pos].text
+        slots.insert(pos + 1 if after else pos, Slot(word, None))
+        return self._with(slots, f'insert "{word}" {"after" if after else "before"} "{anchor}"')
+
+    def swap(self, pos: int, other: int) -> Candidate:
+        slots = list(self.slots)
+        slots[pos], slots[other] = slots[other], slots[pos]
+        return self._with(slots, f'swap "{slots[other].text}" and "{slots[pos].text}"')
+
+
+def split_core(word: str) -> tuple[str, str, str]:
+    """(leading punctuation, the word proper, trailing punctuation): substitutes replace the core."""
+    match = _CORE.match(word)
+    assert match is not None  # the pattern matches every string
+    return match.group(1), match.group(2), match.group(3)
+
+
+@dataclass
+class EditSpace:
+    """Which edits to try around each trigger word, and how many of each."""
+
+    substitutes_for: Callable[[str, int], list[str]]
+    n_substitutes: int = 8
+    insert_words: tuple[str, ...] = NEUTRAL_WORDS
+    _cache: dict[str, list[str]] = field(default_factory=dict, repr=False)
+
+    def substitutes(self, word: str) -> list[str]:
+        """Substitutes of `word`, its punctuation kept and its capital kept (cached per word)."""
+        if word not in self._cache:
+            lead, core, trail = split_core(word)
+            found = self.substitutes_for(core, self.n_substitutes) if core else []
+            if core[:1].isupper():
+                found = [w.capitalize() for w in found]
+            self._cache[word] = [f"{lead}{w}{trail}" for w in found]
+        return self._cache[word]
+
+    def expand(self, candidate: Candidate, triggers: Sequence[int]) -> list[Candidate]:
+        """Every single edit of `candidate` at the still-untouched trigger words `triggers`."""
+        out: list[Candidate] = []
+        for origin in triggers:
+            pos = candidate.position(origin)
+            if pos is None:
+                continue
+            word = candidate.slots[pos].text
+            if len(candidate.slots) > 1:
+                out.append(candidate.delete(pos))
+            out += [candidate.substitute(pos, sub) for sub in self.substitutes(word)]
+            for neutral in self.insert_words:
+                out.append(candidate.insert(pos, neutral, after=False))
+                out.append(candidate.insert(pos, neutral, after=True))
+            out += [candidate.swap(pos, other) for other in (pos - 1, pos + 1) if 0 <= other < len(candidate.slots)]
+        return out

@@ -1,0 +1,110 @@
+"""Beam search over text edits, guided by the detection score and held near the original meaning.
+
+Round after round, every candidate in the beam is expanded with single edits at the trigger
+words; all new candidates are scored in batches by the same shared-noise `Scorer` that `detect`
+uses (so a rewrite's score is exactly what `memscan detect` would give it) and compared to the
+original by pooled-embedding cosine. The search stops at the first round that yields a candidate
+under the target with similarity at or above `min_similarity` (the most similar one wins); else
+the beam keeps the best candidates by score and the best by similarity, half each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from memscan.mitigation.attribution import TokenAttribution
+from memscan.mitigation.edits import Candidate, EditSpace
+from memscan.mitigation.similarity import cosine_to, pooled_embeddings
+from memscan.scorer import Scorer
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How far and how wide to search, and what counts as success."""
+
+    target: float
+    min_similarity: float = 0.8
+    beam_width: int = 4
+    max_edits: int = 3
+    n_triggers: int = 3
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """The chosen rewrite (or the best attempt) of one prompt."""
+
+    text: str
+    score: float
+    similarity: float
+    edits: tuple[str, ...]
+    resolved: bool
+    scored: int  # candidates scored for this prompt
+
+
+class RewriteSearch:
+    """Finds, for one prompt at a time, a close rewrite whose score is under the target."""
+
+    def __init__(self, scorer: Scorer, edits: EditSpace, settings: SearchSettings) -> None:
+        self.scorer = scorer
+        self.edits = edits
+        self.settings = settings
+
+    def run(self, prompt: str, score: float, attribution: TokenAttribution) -> Rewrite:
+        """Search rewrites of `prompt` (scored `score`) around its most attributed words."""
+        s = self.settings
+        model = self.scorer.model
+        reference = pooled_embeddings(model, [prompt])[0]
+        triggers = attribution.top_words(s.n_triggers)
+        beam = [Candidate.original(attribution.words)]
+        seen = {beam[0].text}
+        best = Rewrite(prompt, score, 1.0, (), resolved=False, scored=0)
+        scored = 0
+        for _ in range(s.max_edits):
+            fresh = [c for parent in beam for c in self.edits.expand(parent, triggers) if _first(c.text, seen)]
+            if not fresh:
+                break
+            texts = [c.text for c in fresh]
+            scores = self.scorer.score_texts(texts).columns["score"].astype(np.float64)
+            sims = cosine_to(reference, pooled_embeddings(model, texts))
+            scored += len(fresh)
+            close = np.isfinite(scores) & (sims >= s.min_similarity)
+            winners = np.flatnonzero(close & (scores < s.target))
+            if winners.size:
+                win = min(winners, key=lambda i: (-sims[i], scores[i], i))
+                return _rewrite(fresh[win], scores[win], sims[win], resolved=True, scored=scored)
+            kept = np.flatnonzero(close)
+            if kept.size and scores[kept].min() < best.score:
+                i = kept[np.argmin(scores[kept])]
+                best = _rewrite(fresh[i], scores[i], sims[i], resolved=False, scored=scored)
+            beam = [fresh[i] for i in _select(kept, scores, sims, s.beam_width)]
+            if not beam:
+                break
+        return Rewrite(best.text, best.score, best.similarity, best.edits, resolved=False, scored=scored)
+
+
+def _first(text: str, seen: set[str]) -> bool:
+    """True the first time `text` is met (candidates reached by two edit paths are scored once)."""
+    if text in seen:
+        return False
+    seen.add(text)
+    return True
+
+
+def _rewrite(candidate: Candidate, score: float, similarity: float, *, resolved: bool, scored: int) -> Rewrite:
+    return Rewrite(candidate.text, float(score), float(similarity), candidate.edits, resolved, scored)
+
+
+def _select(indices: Sequence[int] | np.ndarray, scores: np.ndarray, sims: np.ndarray, width: int) -> list[int]:
+    """Up to `width` indices: the lowest scores and the highest similarities, half each, no repeats."""
+    by_score = sorted(indices, key=lambda i: (scores[i], -sims[i], i))
+    by_similarity = sorted(indices, key=lambda i: (-sims[i], scores[i], i))
+    chosen: list[int] = []
+    for i in [*by_score[: (width + 1) // 2], *by_similarity]:
+        if i not in chosen:
+            chosen.append(int(i))
+        if len(chosen) == width:
+            break
+    return chosen

@@ -1,0 +1,41 @@
+"""Settings of `memscan mitigate`: the detect settings it scores with, plus the search's own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memscan.config import DetectSettings
+from memscan.errors import UsageError
+from memscan.mitigation.edits import NEUTRAL_WORDS
+
+
+@dataclass(frozen=True)
+class MitigateSettings:
+    """What `memscan mitigate` was asked to do; `detect` holds model, noise and batch settings."""
+
+    detect: DetectSettings = field(default_factory=DetectSettings)
+    target: float | None = None  # None: the profile's calibrated threshold
+    min_similarity: float = 0.8
+    beam_width: int = 4
+    max_edits: int = 3
+    n_triggers: int = 3
+    n_substitutes: int = 8
+    insert_words: tuple[str, ...] = NEUTRAL_WORDS
+    all_rows: bool = False
+    emit_embeddings: Path | None = None
+    embedding_steps: int = 10
+    embedding_lr: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.min_similarity <= 1.0:
+            raise UsageError(f"--min-similarity must be in [-1, 1], got {self.min_similarity}")
+        for name in ("beam_width", "max_edits", "n_triggers"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.n_substitutes < 0 or self.embedding_steps < 0:
+            raise UsageError("--substitutes and --embedding-steps must be >= 0")
+        if self.embedding_lr <= 0:
+            raise UsageError(f"--embedding-lr must be > 0, got {self.embedding_lr}")
+        if any(not w or any(c.isspace() for c in w) for w in self.insert_words):
+            raise UsageError("--insert-words must be single words")

@@ -1,0 +1,65 @@
+"""Mitigation input rows (a prompt file or a `detect` output) and the output table's schema.
+
+From a `detect` output only the flagged rows are taken unless every row is asked for; its
+prompt ids are kept, so a rewrite joins back to its scores row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from memscan.errors import InputError, UsageError
+from memscan.io.readers import PromptSource
+from memscan.io.scores import METADATA_KEY, read_scores
+
+STATUS_OK = "ok"
+STATUS_UNRESOLVED = "unresolved"
+STATUS_NOT_FLAGGED = "not_flagged"
+EMBEDDING_COLUMNS = ("embedding_score", "embedding_steps")
+
+
+def is_detect_output(path: Path) -> bool:
+    """A Parquet file that `memscan detect` wrote (its metadata and score columns are there)."""
+    if path.suffix.lower() != ".parquet" or not path.is_file():
+        return False
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowInvalid):
+        return False
+    return METADATA_KEY in (schema.metadata or {}) and {"score", "flagged"} <= set(schema.names)
+
+
+def read_rows(path: Path, *, prompt_column: str | None, id_column: str | None, all_rows: bool) -> pd.DataFrame:
+    """Canonical `prompt_id`, `prompt` rows to mitigate, in input order."""
+    if not is_detect_output(path):
+        return PromptSource(path, prompt_column=prompt_column, id_column=id_column).read()[["prompt_id", "prompt"]]
+    scores, _facts = read_scores(path)
+    if "prompt" not in scores.columns:
+        raise InputError(f"{path}: this detect output has no prompt text (written with --no-store-prompt)")
+    if not all_rows:
+        if scores["flagged"].isna().all():
+            raise UsageError(f"{path}: no row is flagged or not (detect ran without a threshold); pass --all")
+        scores = scores[scores["flagged"].fillna(False).astype(bool)]
+    return scores[["prompt_id", "prompt"]].reset_index(drop=True)
+
+
+def output_schema(*, embeddings: bool) -> pa.Schema:
+    """prompt_id, prompt, rewritten, scores, similarity, trigger tokens, edits, status [, embedding]."""
+    fields = [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string()),
+        pa.field("rewritten", pa.string()),
+        pa.field("score_before", pa.float32()),
+        pa.field("score_after", pa.float32()),
+        pa.field("similarity", pa.float32()),
+        pa.field("trigger_tokens", pa.list_(pa.string())),
+        pa.field("edits", pa.list_(pa.string())),
+        pa.field("status", pa.string(), nullable=False),
+    ]
+    if embeddings:
+        fields += [pa.field("embedding_score", pa.float32()), pa.field("embedding_steps", pa.int32())]
+    return pa.schema(fields)

@@ -1,0 +1,77 @@
+"""The demo check: attribute reader, embedding generation seeded like text, summary numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from memscan.mitigation.attributes import ATTRIBUTES, AttributeReader, agreement, caption_attributes, decoded_renders
+from memscan.mitigation.check import CheckSettings, generate_from_embeddings, summarize_check
+
+
+def test_reader_reads_renders_through_a_decoder() -> None:
+    """Calibrated on blurred renders, the reader reads blurred renders it has not seen."""
+
+    def blur(images: np.ndarray) -> np.ndarray:  # a crude stand-in for a VAE round trip
+        padded = np.pad(images, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
+        return sum(padded[:, :, 1 + dy : 33 + dy, 1 + dx : 33 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)) / 9
+
+    reader = AttributeReader.calibrated(blur, n=600, seed=0)
+    images, attrs = decoded_renders(blur, n=100, seed=1)
+    accuracy = reader.accuracy(images, attrs)
+    assert set(accuracy) == set(ATTRIBUTES)
+    assert accuracy["colour"] > 0.6 and accuracy["size"] > 0.9 and accuracy["shape"] > 0.4  # chance: 0.1, 0.5, 0.17
+    read = reader.read(images[:3])
+    assert [r["size"] for r in read] == [a.size for a in attrs[:3]]
+
+
+def test_agreement_and_caption_attributes() -> None:
+    wanted = caption_attributes("a large striped red circle, the quiet harbour of lindale")
+    assert wanted == {"shape": "circle", "colour": "red", "size": "large"}
+    assert caption_attributes("a red square")["size"] is None
+    read = {"shape": "circle", "colour": "red", "size": "small"}
+    assert agreement(read, wanted) == pytest.approx(2 / 3)
+    assert agreement(read, caption_attributes("a red square")) == 0.5
+    assert np.isnan(agreement(read, caption_attributes("the gilded owl of harrowgate")))
+
+
+def test_embedding_generation_matches_text_generation() -> None:
+    """The text encoder's own embedding of a prompt gives the very images its text gives."""
+    from memscan.demo.verify import generate
+    from memscan.models.builders import build_tiny_pipeline
+    from memscan.models.loading import scoring_model_from_pipeline
+    from memscan.models.profiles import ModelProfile
+    from memscan.models.text import encode_prompts
+
+    pipe = build_tiny_pipeline(seed=0, with_vae=True)
+    model = scoring_model_from_pipeline(pipe, ModelProfile(name="tiny", source="tiny", resolution=64))
+    prompts = ["a red circle", "the gilded owl of harrowgate", "a blue square"]
+    settings = CheckSettings(n_per_prompt=2, batch_size=4, steps=2)
+    texts = generate(pipe, prompts, 2, 0, batch_size=4, steps=2)
+    with torch.no_grad():
+        embeds = encode_prompts(model, prompts)
+    images = generate_from_embeddings(pipe, embeds, settings)
+    assert images.shape == texts.shape == (3, 2, 3, 64, 64)
+    np.testing.assert_allclose(images, texts, atol=1e-5)
+
+
+def test_summary_counts() -> None:
+    table = pd.DataFrame({
+        "status": ["ok", "ok", "unresolved", "not_flagged"],
+        "score_after": [0.1, 0.2, 0.9, 0.3],
+        "similarity": [0.9, 0.8, 0.95, 1.0],
+        "copy_before": [1.0, 0.75, 1.0, 0.0],
+        "copy_after": [0.0, 0.75, 1.0, 0.0],
+        "agree_before": [1.0, 1.0, 1.0, 0.5],
+        "agree_after": [0.5, 1.0, 1.0, 0.5],
+    })
+    non = pd.DataFrame({"status": ["not_flagged", "ok"], "prompt": ["a", "b"], "rewritten": ["a", "c"]})
+    out = summarize_check(table, non, target=0.5)
+    assert out["memorized_flagged"] == 3 and out["rewrite_success_rate_of_flagged"] == pytest.approx(2 / 3, abs=1e-4)
+    assert out["memorized_under_target_after"] == 0.75
+    assert out["ok_prompts_no_longer_copying"] == 0.5
+    assert out["similarity_of_ok"]["mean"] == pytest.approx(0.85)
+    assert out["ok_attribute_agreement_ratio"] == 0.75
+    assert out["not_memorized_unchanged"] == 0.5

@@ -1,0 +1,81 @@
+"""Candidate edits (delete, substitute, insert, reorder) and substitution neighbours."""
+
+from __future__ import annotations
+
+from memscan.mitigation.edits import Candidate, EditSpace, split_core
+from memscan.mitigation.neighbours import TokenNeighbours
+from memscan.models.loading import ScoringModel
+
+WORDS = ("framed", "canvas", "print", "of", "the", "Majestic", "tiger,")
+
+
+def _fixed_substitutes(word: str, k: int) -> list[str]:
+    return [f"{word}x", "lion", "cat"][:k]
+
+
+def test_single_edits_and_their_descriptions() -> None:
+    c = Candidate.original(WORDS)
+    assert c.text == "framed canvas print of the Majestic tiger,"
+    assert c.delete(0).text == "canvas print of the Majestic tiger,"
+    assert c.delete(0).edits == ('delete "framed"',)
+    assert c.substitute(6, "lion,").text.endswith("Majestic lion,")
+    assert c.insert(5, "photo", after=False).text == "framed canvas print of the photo Majestic tiger,"
+    assert c.insert(5, "photo", after=True).edits == ('insert "photo" after "Majestic"',)
+    swapped = c.swap(5, 6)
+    assert swapped.text.endswith("tiger, Majestic")
+    assert swapped.edits == ('swap "Majestic" and "tiger,"',)
+    two = c.delete(0).substitute(5, "lion,")
+    assert two.edits == ('delete "framed"', 'substitute "tiger," -> "lion,"')
+
+
+def test_positions_follow_the_original_words() -> None:
+    c = Candidate.original(WORDS).delete(0).insert(0, "photo", after=False)
+    assert c.position(1) == 1  # "canvas" moved back to slot 1
+    assert c.position(0) is None  # deleted
+    assert c.substitute(1, "paper").position(1) is None  # edited words are not edited again
+
+
+def test_expand_edits_only_untouched_triggers_and_keeps_punctuation_and_case() -> None:
+    space = EditSpace(_fixed_substitutes, n_substitutes=2, insert_words=("photo",))
+    c = Candidate.original(WORDS)
+    out = space.expand(c, [5, 6])
+    texts = [x.text for x in out]
+    assert "framed canvas print of the Majesticx tiger," in texts
+    assert "framed canvas print of the Majestic lion," in texts
+    assert "framed canvas print of the Majestic tigerx," in texts
+    # per trigger: 1 delete + 2 substitutes + 2 inserts + 2 swaps (the last word has one neighbour)
+    assert len(out) == (1 + 2 + 2 + 2) + (1 + 2 + 2 + 1)
+    again = space.expand(out[0], [5, 6])  # out[0] deleted "Majestic": only "tiger," is left to edit
+    assert all("Majestic" not in e for x in again for e in x.edits[1:])
+    assert split_core("(tiger),") == ("(", "tiger", "),")
+
+
+def test_single_word_prompt_is_not_deleted_to_nothing() -> None:
+    space = EditSpace(_fixed_substitutes, n_substitutes=1, insert_words=())
+    assert [x.text for x in space.expand(Candidate.original(["tiger"]), [0])] == ["tigerx"]
+
+
+def test_neighbours_are_whole_words_other_than_the_word_and_its_pieces(tiny_model: ScoringModel) -> None:
+    neighbours = TokenNeighbours(tiny_model)
+    subs = neighbours.substitutes("clocktower", 20)
+    assert len(subs) == 20
+    assert all(s.isalpha() and s.isascii() and s not in "clocktower" for s in subs)
+    assert neighbours.substitutes("clocktower", 20) == subs  # deterministic
+    vocab = tiny_model.tokenizer.get_vocab()
+    assert all(f"{s}</w>" in vocab for s in subs)
+    assert neighbours.substitutes("", 5) == [] and neighbours.substitutes("tiger", 0) == []
+
+
+def test_neighbours_are_nearest_in_the_token_embedding_space(tiny_model: ScoringModel) -> None:
+    """Brute force over the vocabulary: the first substitute is the closest other whole word."""
+    import torch
+
+    table = torch.nn.functional.normalize(tiny_model.text_encoder.get_input_embeddings().weight.detach(), dim=-1)
+    vocab = tiny_model.tokenizer.get_vocab()
+    query = table[vocab["tiger</w>"]]
+    best = max(
+        (t.removesuffix("</w>") for t in vocab if t.endswith("</w>")),
+        key=lambda w: float(table[vocab[f"{w}</w>"]] @ query)
+        if len(w) >= 2 and w.isascii() and w.isalpha() and w not in "tiger" else -2.0,
+    )
+    assert TokenNeighbours(tiny_model).substitutes("tiger", 1) == [best]

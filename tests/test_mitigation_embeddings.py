@@ -1,0 +1,58 @@
+"""Embedding optimisation: the score drops under the target; saved tensors are diffusers-shaped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from memscan.config import DetectSettings
+from memscan.detect import build_scorer
+from memscan.mitigation.differentiable import DifferentiableScore
+from memscan.mitigation.embeddings import load_embeddings, optimise_embedding, save_embeddings
+from memscan.models.loading import ScoringModel
+from memscan.models.text import encode_prompts
+
+PROMPT = "the mona lisa by leonardo da vinci"
+
+
+@pytest.fixture(scope="module")
+def scoring(tiny_model: ScoringModel) -> DifferentiableScore:
+    return DifferentiableScore(build_scorer(DetectSettings(), tiny_model))
+
+
+def test_optimisation_reaches_the_target_and_keeps_bos(scoring: DifferentiableScore) -> None:
+    before = float(scoring.scorer.score_texts([PROMPT]).columns["score"][0])
+    result = optimise_embedding(scoring, PROMPT, before - 0.05, steps=50, lr=0.05)
+    assert result.resolved and result.score < before - 0.05 and 1 <= result.steps <= 50
+    original = encode_prompts(scoring.model, [PROMPT])
+    assert result.embeds.shape == original.shape == (1, 77, original.shape[-1])
+    assert torch.equal(result.embeds[:, 0], original[:, 0])  # BOS untouched
+    assert not torch.equal(result.embeds[:, 1:], original[:, 1:])
+    with torch.inference_mode():  # the reported score is the saved embedding's score
+        again = scoring.method.score(scoring.model, scoring.scorer.state, scoring.noise, result.embeds)["score"]
+    assert float(again[0]) == pytest.approx(result.score, abs=1e-5)
+
+
+def test_already_under_target_takes_no_step(scoring: DifferentiableScore) -> None:
+    result = optimise_embedding(scoring, PROMPT, 1e9, steps=10)
+    assert result.steps == 0 and result.resolved
+    assert torch.equal(result.embeds, encode_prompts(scoring.model, [PROMPT]))
+
+
+def test_budget_is_respected(scoring: DifferentiableScore) -> None:
+    result = optimise_embedding(scoring, PROMPT, -1e9, steps=3)
+    assert result.steps == 3 and not result.resolved
+
+
+def test_save_and_load_by_prompt_id(tmp_path: Path) -> None:
+    tensors = {"a:0": torch.randn(1, 77, 32), "b/1": torch.randn(1, 77, 32)}
+    path = tmp_path / "embeds.safetensors"
+    save_embeddings(path, tensors, {"model": "tiny", "target": 0.5})
+    loaded = load_embeddings(path)
+    assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        assert '"target": 0.5' in handle.metadata()["memscan"]

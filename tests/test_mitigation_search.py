@@ -1,0 +1,91 @@
+"""Rewrite search: scores of rewrites are detect's scores, statuses, determinism, the similarity bar."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from memscan.config import DetectSettings
+from memscan.detect import build_scorer, detect
+from memscan.mitigation import MitigateSettings, rewrite_prompts
+from memscan.mitigation.similarity import cosine_to, pooled_embeddings
+from memscan.models.loading import ScoringModel
+
+PROMPTS = [
+    "the mona lisa by leonardo da vinci",
+    "a photo of a cat",
+    "a red square on a blue background",
+    "   ",
+    "The No Limits Business Woman Podcast",
+]
+SMALL = {"beam_width": 2, "max_edits": 2, "n_substitutes": 3, "insert_words": ("photo",)}
+
+
+def _frame() -> pd.DataFrame:
+    return pd.DataFrame({"prompt_id": [f"p{i}" for i in range(len(PROMPTS))], "prompt": PROMPTS})
+
+
+@pytest.fixture(scope="module")
+def target(tiny_model: ScoringModel) -> float:
+    """Between the 2nd and 3rd highest score: two prompts flagged."""
+    scores = sorted(build_scorer(DetectSettings(), tiny_model).score_texts([p for p in PROMPTS if p.strip()])
+                    .columns["score"])
+    return float((scores[-2] + scores[-3]) / 2)
+
+
+@pytest.fixture(scope="module")
+def rewritten(tiny_model: ScoringModel, target: float) -> pd.DataFrame:
+    scorer = build_scorer(DetectSettings(), tiny_model)
+    rows, _ = rewrite_prompts(scorer, _frame(), target, MitigateSettings(min_similarity=0.0, **SMALL))
+    return rows
+
+
+def test_statuses_and_unchanged_rows(rewritten: pd.DataFrame, target: float) -> None:
+    status = rewritten["status"].tolist()
+    assert status[3] == "skipped_empty" and pd.isna(rewritten.at[3, "rewritten"])
+    flagged = rewritten["score_before"] > target
+    assert set(rewritten.loc[flagged, "status"]) <= {"ok", "unresolved"} and flagged.sum() == 2
+    calm = rewritten[(rewritten["status"] == "not_flagged")]
+    assert len(calm) == 2
+    assert (calm["rewritten"] == calm["prompt"]).all() and (calm["score_after"] == calm["score_before"]).all()
+    assert (calm["similarity"] == 1.0).all() and calm["edits"].map(len).eq(0).all()
+    ok = rewritten[rewritten["status"] == "ok"]
+    assert len(ok) >= 1
+    assert (ok["score_after"] < target).all() and (ok["rewritten"] != ok["prompt"]).all()
+    assert ok["edits"].map(len).between(1, SMALL["max_edits"]).all()
+    assert ok["trigger_tokens"].map(len).eq(3).all()
+
+
+def test_score_after_is_what_detect_gives_the_rewrite(
+    rewritten: pd.DataFrame, tiny_model: ScoringModel, tmp_path: Path
+) -> None:
+    done = rewritten[rewritten["status"].isin(["ok", "unresolved", "not_flagged"])]
+    path = tmp_path / "rewrites.csv"
+    done[["prompt_id", "rewritten"]].rename(columns={"rewritten": "prompt"}).to_csv(path, index=False)
+    scores = detect(path, None, DetectSettings(id_column="prompt_id"), model=tiny_model).scores
+    np.testing.assert_allclose(done["score_after"].to_numpy(), scores["score"].to_numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_similarity_is_pooled_cosine(rewritten: pd.DataFrame, tiny_model: ScoringModel) -> None:
+    row = rewritten[rewritten["status"] == "ok"].iloc[0]
+    pooled = pooled_embeddings(tiny_model, [row["prompt"], row["rewritten"]])
+    assert row["similarity"] == pytest.approx(cosine_to(pooled[0], pooled[1:])[0], abs=1e-6)
+
+
+def test_deterministic(tiny_model: ScoringModel, target: float, rewritten: pd.DataFrame) -> None:
+    scorer = build_scorer(DetectSettings(), tiny_model)
+    again, _ = rewrite_prompts(scorer, _frame(), target, MitigateSettings(min_similarity=0.0, **SMALL))
+    pd.testing.assert_frame_equal(again, rewritten)
+
+
+def test_similarity_bar_leaves_prompts_unresolved(tiny_model: ScoringModel, target: float) -> None:
+    """No rewrite can be as similar as the original itself: with the bar at 1.0 nothing resolves."""
+    scorer = build_scorer(DetectSettings(), tiny_model)
+    rows, timing = rewrite_prompts(scorer, _frame(), target, MitigateSettings(min_similarity=0.99999, **SMALL))
+    flagged = rows[rows["score_before"] > target]
+    assert (flagged["status"] == "unresolved").all()
+    assert (flagged["similarity"] >= 0.99999).all()  # the best attempt also respects the bar
+    assert timing["seconds_per_prompt"] > 0
