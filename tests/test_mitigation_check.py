@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from memscan.mitigation.attributes import ATTRIBUTES, AttributeReader, agreement, caption_attributes, decoded_renders
+from memscan.mitigation.attributes import ATTRIBUTES, AttributeReader, agreement, decoded_renders
 from memscan.mitigation.check import CheckSettings, generate_from_embeddings, summarize_check
 
 
@@ -27,14 +27,11 @@ def test_reader_reads_renders_through_a_decoder() -> None:
     assert [r["size"] for r in read] == [a.size for a in attrs[:3]]
 
 
-def test_agreement_and_caption_attributes() -> None:
-    wanted = caption_attributes("a large striped red circle, the quiet harbour of lindale")
-    assert wanted == {"shape": "circle", "colour": "red", "size": "large"}
-    assert caption_attributes("a red square")["size"] is None
+def test_agreement_counts_the_asked_attributes() -> None:
     read = {"shape": "circle", "colour": "red", "size": "small"}
-    assert agreement(read, wanted) == pytest.approx(2 / 3)
-    assert agreement(read, caption_attributes("a red square")) == 0.5
-    assert np.isnan(agreement(read, caption_attributes("the gilded owl of harrowgate")))
+    assert agreement(read, {"shape": "circle", "colour": "red", "size": "large"}) == pytest.approx(2 / 3)
+    assert agreement(read, {"shape": "square", "colour": "red", "size": None}) == 0.5
+    assert np.isnan(agreement(read, {}))
 
 
 def test_embedding_generation_matches_text_generation() -> None:
@@ -75,3 +72,27 @@ def test_summary_counts() -> None:
     assert out["similarity_of_ok"]["mean"] == pytest.approx(0.85)
     assert out["ok_attribute_agreement_ratio"] == 0.75
     assert out["not_memorized_unchanged"] == 0.5
+
+
+@pytest.mark.slow
+def test_check_on_the_shipped_demo_model(tmp_path) -> None:
+    """mitigate then check, end to end, on two memorized prompts and a clean one (about 30 s)."""
+    from memscan.mitigation import MitigateSettings, mitigate
+    from memscan.mitigation.check import check_mitigation
+    from memscan.paths import demo_dir
+
+    if not (demo_dir() / "model" / "model_index.json").is_file():
+        pytest.skip("demo model not built")
+    prompts = pd.read_csv(demo_dir() / "prompts.csv", keep_default_na=False)
+    memorized = prompts["label"] == "memorized"
+    sample = pd.concat([prompts[memorized].iloc[[0, 30]], prompts[~memorized].head(1)])
+    sample.to_csv(tmp_path / "p.csv", index=False)
+    settings = MitigateSettings(max_edits=2, n_triggers=3, emit_embeddings=tmp_path / "e.safetensors")
+    mitigate(tmp_path / "p.csv", tmp_path / "m.parquet", settings)
+    table, summary = check_mitigation(
+        tmp_path / "m.parquet", "demo", CheckSettings(n_per_prompt=1, steps=5, reader_renders=300),
+        embeddings=tmp_path / "e.safetensors",
+    )
+    assert len(table) == 2 and summary["memorized"] == 2 and summary["not_memorized"] == 1
+    assert table[["copy_before", "copy_after", "agree_before", "embedding_copy"]].notna().all().all()
+    assert set(summary["reader_accuracy_on_decoded_renders"]) == set(ATTRIBUTES)

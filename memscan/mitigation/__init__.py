@@ -76,7 +76,8 @@ def mitigate(
     target = settings.target if settings.target is not None else scorer.threshold
     if target is None:
         raise UsageError(
-            f"no target score: model profile {scorer.model.profile.name!r} has no calibrated threshold; pass --target"
+            f"no target score: model profile {scorer.model.profile.name!r} has no threshold valid for these "
+            "settings; pass --target"
         )
     rows, timing = rewrite_prompts(scorer, frame, target, settings)
     embeddings_path = Path(settings.emit_embeddings) if settings.emit_embeddings else None
@@ -140,7 +141,7 @@ def rewrite_prompts(
         out.at[i, "rewritten"] = found.text
         out.at[i, "score_after"] = found.score
         out.at[i, "similarity"] = found.similarity
-        out.at[i, "trigger_tokens"] = attribution.top_tokens(settings.n_triggers)
+        out.at[i, "trigger_tokens"] = attribution.top_tokens(settings.report_triggers)
         out.at[i, "edits"] = list(found.edits)
         out.at[i, "status"] = STATUS_OK if found.resolved else STATUS_UNRESOLVED
     seconds = time.perf_counter() - started

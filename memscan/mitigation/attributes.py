@@ -103,12 +103,3 @@ def agreement(read: Mapping[str, str], wanted: Mapping[str, str | None], keys: S
     """Share of the wanted attributes among `keys` (those not None) that the image shows."""
     asked = [k for k in keys if wanted.get(k)]
     return float(np.mean([read[k] == wanted[k] for k in asked])) if asked else float("nan")
-
-
-def caption_attributes(prompt: str) -> dict[str, str | None]:
-    """The attributes a generic demo caption names ("a large red circle"); None for the rest."""
-    from memscan.demo.data import COLOURS, SHAPES, SIZES
-
-    words = set(prompt.lower().replace(",", " ").split())
-    vocab = {"shape": SHAPES, "colour": tuple(COLOURS), "size": SIZES}
-    return {key: next((w for w in values if w in words), None) for key, values in vocab.items()}

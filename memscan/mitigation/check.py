@@ -25,6 +25,7 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -103,34 +104,31 @@ def check_mitigation(
     attrs = {m.image_id: {k: getattr(m.attrs, k) for k in ATTRIBUTES} for m in data.memorized}
     wanted = [attrs[i] for i in mem["train_image_id"]]
     cutoffs, train = copy_cutoffs(data, pipe), reference_images(data, pipe)  # the demo's VAE-space measure
-    decode = lambda images: vae_roundtrip(pipe, images)  # noqa: E731
+    decode = partial(vae_roundtrip, pipe)
     reader = AttributeReader.calibrated(decode, n=settings.reader_renders, seed=settings.gen_seed)
     gen = {"steps": settings.steps, "guidance": settings.guidance, "batch_size": settings.batch_size}
 
-    def measure(texts: list[str] | None, images: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        if images is None:
-            images = generate(pipe, texts, settings.n_per_prompt, settings.gen_seed, **gen)
-        copies = copy_table(data, mem[["prompt", *LABEL_COLUMNS]], images, cutoffs, train)["copy_rate"].to_numpy()
-        return copies, _agreements(reader, images, wanted)
+    def measure(images: np.ndarray, rows: pd.DataFrame, asked: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+        copies = copy_table(data, rows[["prompt", *LABEL_COLUMNS]], images, cutoffs, train)["copy_rate"]
+        return copies.to_numpy(), _agreements(reader, images, asked)
+
+    def from_text(texts: pd.Series) -> np.ndarray:
+        return generate(pipe, texts.tolist(), settings.n_per_prompt, settings.gen_seed, **gen)
 
     table = mem[["prompt_id", "prompt", "rewritten", "status", "score_before", "score_after", "similarity"]].copy()
-    table["copy_before"], table["agree_before"] = measure(mem["prompt"].tolist())
-    table["copy_after"], table["agree_after"] = measure(mem["rewritten"].tolist())
+    table["copy_before"], table["agree_before"] = measure(from_text(mem["prompt"]), mem, wanted)
+    table["copy_after"], table["agree_after"] = measure(from_text(mem["rewritten"]), mem, wanted)
     if embeddings is not None:
         saved = load_embeddings(Path(embeddings))
         has = mem["prompt_id"].isin(list(saved)).to_numpy()
-        stacked = torch.cat([saved[i] for i in mem.loc[has, "prompt_id"]]) if has.any() else None
-        for column in ("embedding_copy", "embedding_agree"):
-            table[column] = np.nan
-        if stacked is not None:
-            images = generate_from_embeddings(pipe, stacked, settings)
-            sub = mem[has].reset_index(drop=True)
-            copies = copy_table(data, sub[["prompt", *LABEL_COLUMNS]], images, cutoffs, train)["copy_rate"].to_numpy()
-            table.loc[has, "embedding_copy"] = copies
-            table.loc[has, "embedding_agree"] = _agreements(
-                reader, images, [w for w, h in zip(wanted, has, strict=True) if h]
-            )
         table["embedding_score"] = mem.get("embedding_score", pd.Series(np.nan, index=mem.index))
+        table["embedding_copy"] = table["embedding_agree"] = np.nan
+        if has.any():
+            stacked = torch.cat([saved[i] for i in mem.loc[has, "prompt_id"]])
+            images = generate_from_embeddings(pipe, stacked, settings)
+            asked = [w for w, h in zip(wanted, has, strict=True) if h]
+            copies, agree = measure(images, mem[has].reset_index(drop=True), asked)
+            table.loc[has, "embedding_copy"], table.loc[has, "embedding_agree"] = copies, agree
     summary = summarize_check(table, non, target)
     held_out = decoded_renders(decode, n=500, seed=settings.gen_seed + 1)
     summary["reader_accuracy_on_decoded_renders"] = {k: round(v, 4) for k, v in reader.accuracy(*held_out).items()}
@@ -162,6 +160,9 @@ def summarize_check(table: pd.DataFrame, non: pd.DataFrame, target: float) -> di
             "mean": round(float(sims.mean()), 4), "min": round(float(sims.min()), 4),
             **{f"q{int(q * 100)}": round(float(sims.quantile(q)), 4) for q in (0.1, 0.25, 0.5, 0.75)},
         },
+        "ok_prompts_stopped_and_kept_70pct_agreement": share(
+            (ok["copy_after"] <= 0.5) & (ok["agree_after"] >= 0.7 * ok["agree_before"])
+        ),
         "ok_attribute_agreement_before": share(ok["agree_before"]),
         "ok_attribute_agreement_after": share(ok["agree_after"]),
         "not_memorized": int(len(non)),

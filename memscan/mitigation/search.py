@@ -28,8 +28,8 @@ class SearchSettings:
     target: float
     min_similarity: float = 0.8
     beam_width: int = 4
-    max_edits: int = 3
-    n_triggers: int = 3
+    max_edits: int = 4
+    n_triggers: int = 7
 
 
 @dataclass(frozen=True)

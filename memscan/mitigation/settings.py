@@ -18,19 +18,20 @@ class MitigateSettings:
     target: float | None = None  # None: the profile's calibrated threshold
     min_similarity: float = 0.8
     beam_width: int = 4
-    max_edits: int = 3
-    n_triggers: int = 3
+    max_edits: int = 4
+    n_triggers: int = 7  # words (by attribution) the edits may touch
+    report_triggers: int = 3  # tokens listed in `trigger_tokens`
     n_substitutes: int = 8
     insert_words: tuple[str, ...] = NEUTRAL_WORDS
     all_rows: bool = False
     emit_embeddings: Path | None = None
-    embedding_steps: int = 10
+    embedding_steps: int = 20
     embedding_lr: float = 0.05
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.min_similarity <= 1.0:
             raise UsageError(f"--min-similarity must be in [-1, 1], got {self.min_similarity}")
-        for name in ("beam_width", "max_edits", "n_triggers"):
+        for name in ("beam_width", "max_edits", "n_triggers", "report_triggers"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.n_substitutes < 0 or self.embedding_steps < 0:
