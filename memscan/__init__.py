@@ -19,6 +19,11 @@ _EXPORTS = {
     "Scorer": "memscan.scorer",
     "ScoringModel": "memscan.models.loading",
     "load_model": "memscan.models.loading",
+    "run_detect": "memscan.run",
+    "RunOptions": "memscan.run",
+    "evaluate": "memscan.evaluate",
+    "mitigate": "memscan.mitigation",
+    "MitigateSettings": "memscan.mitigation",
 }
 
 __all__ = ["__version__", *_EXPORTS]
