@@ -25,6 +25,14 @@ EXIT_FLAGGED = 10
 EXIT_INTERRUPTED = 130
 
 
+def one_line(exc: BaseException, *, with_type: bool = False, limit: int | None = None) -> str:
+    """An exception's message on one line (whitespace folded), for error rows and one-line errors;
+    the type name stands in for an empty message; longer than `limit` ends in '...'."""
+    text = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {text}" if with_type else (text or type(exc).__name__)
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
+
+
 class MemscanError(Exception):
     """Base of every error memscan raises on purpose; `exit_code` is what the CLI returns."""
 

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from memscan.errors import one_line
 from memscan.io.scores import STATUS_ERROR, STATUS_NONFINITE, STATUS_OK, STATUS_OOM, STATUS_SKIPPED_EMPTY
 from memscan.methods.base import DetectionMethod
 from memscan.models.loading import ScoringModel
@@ -46,10 +47,6 @@ class _Unique:
     values: dict[str, list[float]]
     status: list[str]
     error: list[str | None]
-
-
-def _one_line(exc: BaseException) -> str:
-    return (" ".join(str(exc).split()) or type(exc).__name__)[:300]
 
 
 class Scorer:
@@ -135,14 +132,14 @@ class Scorer:
                     log.warning("out of memory at batch size %d; retrying with %d", len(batch), self.batch_size)
                     _release_memory()
                     continue
-                self._append_failure(out, STATUS_OOM, _one_line(exc))
+                self._append_failure(out, STATUS_OOM, one_line(exc, limit=300))
             except Exception as exc:  # noqa: BLE001 - a failing prompt must not sink the shard
                 if len(batch) > 1:  # isolate the prompt that fails
                     for row in batch:
                         self._score_rows(tokens, [row], out)
                     position += len(batch)
                     continue
-                self._append_failure(out, STATUS_ERROR, f"{type(exc).__name__}: {_one_line(exc)}")
+                self._append_failure(out, STATUS_ERROR, one_line(exc, with_type=True, limit=300))
             else:
                 for name in self.method.columns:
                     out.values[name].extend(values[name].tolist())

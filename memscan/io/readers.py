@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from memscan.errors import InputError
+from memscan.errors import InputError, one_line
 
 FORMATS = ("csv", "tsv", "parquet", "jsonl", "txt")
 _TEXT_FORMATS = frozenset({"csv", "tsv", "jsonl", "txt"})
@@ -52,10 +52,6 @@ class _RawBatch(NamedTuple):
     prompts: list[str | None]
     ids: list[str | None] | None
     keep: pd.DataFrame | None  # the keep columns, None when there are none (or not wanted)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _format_of(path: Path, fmt: str | None) -> tuple[str, bool]:
@@ -316,7 +312,7 @@ class PromptSource:
                         ids = pc.cast(batch.column(self.id_column), pa.string()).to_pylist()
                     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                         problem = f"id column {self.id_column!r} cannot be read as text"
-                        raise InputError(f"{self.path}: {problem} ({_one_line(exc)})") from exc
+                        raise InputError(f"{self.path}: {problem} ({one_line(exc)})") from exc
                 wants_keep = with_extras and self.keep_columns
                 keep = batch.select(list(self.keep_columns)).to_pandas() if wants_keep else None
                 yield _RawBatch(prompts, ids, keep)
@@ -470,15 +466,15 @@ class PromptSource:
             message = f"not valid UTF-8 text: undecodable byte at {position}{suffix}"
             raise InputError(f"{where} {message}") from None
         except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-            raise InputError(f"{where} corrupt or truncated gzip data ({_one_line(exc)})") from exc
+            raise InputError(f"{where} corrupt or truncated gzip data ({one_line(exc)})") from exc
         except pd.errors.EmptyDataError:
             raise InputError(f"{where} empty file (no header line)") from None
         except (pd.errors.ParserError, csv.Error) as exc:
-            raise InputError(f"{where} malformed {self.fmt.upper()} ({_one_line(exc)})") from exc
+            raise InputError(f"{where} malformed {self.fmt.upper()} ({one_line(exc)})") from exc
         except pa.ArrowException as exc:
-            raise InputError(f"{where} corrupt or unreadable Parquet file ({_one_line(exc)})") from exc
+            raise InputError(f"{where} corrupt or unreadable Parquet file ({one_line(exc)})") from exc
         except OSError as exc:
-            raise InputError(f"{where} cannot read the file ({_one_line(exc)})") from exc
+            raise InputError(f"{where} cannot read the file ({one_line(exc)})") from exc
 
 
 def read_prompts(path: str | Path, **kwargs: Any) -> pd.DataFrame:

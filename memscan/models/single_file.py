@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from memscan.errors import ModelError, PickleRefusedError
+from memscan.errors import ModelError, PickleRefusedError, one_line
 from memscan.models.builders import (
     assemble_pipeline,
     component_config,
@@ -37,12 +37,6 @@ LDM_CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: Hugging Face CLIP n
 LDM_OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP names
 
 StateDict = dict[str, torch.Tensor]
-
-
-def _one_line(exc: BaseException) -> str:
-    """`Type: message` of an exception on one line, at most 200 characters."""
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 class _StubObject:
@@ -107,7 +101,8 @@ def read_checkpoint(path: Path, *, allow_pickle: bool = False) -> StateDict:
     try:
         raw = _load_pickle(path) if suffix in PICKLE_SUFFIXES else _load_safetensors(path)
     except Exception as exc:  # noqa: BLE001 - any failure to parse means "not a checkpoint"
-        raise ModelError(f"{path}: not a valid {kind} checkpoint ({_one_line(exc)})") from None
+        reason = one_line(exc, with_type=True, limit=200)
+        raise ModelError(f"{path}: not a valid {kind} checkpoint ({reason})") from None
     while isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
         raw = raw["state_dict"]  # Lightning checkpoints nest the weights
     if not isinstance(raw, Mapping):
@@ -200,7 +195,8 @@ def pipeline_from_ldm(
         unet_weights = convert_ldm_unet_checkpoint(checkpoint, component_config(folder, "unet"))
         text_weights = _text_encoder_weights(checkpoint, text_encoder, where)
     except (KeyError, IndexError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"{where}: cannot convert the checkpoint's keys ({_one_line(exc)})") from None
+        reason = one_line(exc, with_type=True, limit=200)
+        raise ModelError(f"{where}: cannot convert the checkpoint's keys ({reason})") from None
     _load_strict(unet, unet_weights, what="UNet", where=where)
     ignore = _unused_text_key(text_encoder.config.num_hidden_layers)
     _load_strict(text_encoder, text_weights, what="text encoder", where=where, ignore=ignore)

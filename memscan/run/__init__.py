@@ -10,7 +10,7 @@ from typing import Any
 from memscan.config import DetectSettings
 from memscan.errors import EXIT_FLAGGED, EXIT_OK, EXIT_PARTIAL, UsageError
 from memscan.run.executors import run_local, run_processes, run_ray, shards_for_rank, static_rank
-from memscan.run.job import RunOptions, ShardResult, ShardWorker, prepare_run, summarize_run
+from memscan.run.job import RunOptions, ShardResult, ShardWorker, needs_work, prepare_run, summarize_run
 from memscan.run.progress import RunProgress
 from memscan.run.rundir import RunDirectory, write_json
 
@@ -28,10 +28,7 @@ class RunOutcome:
 def _pending(run: RunDirectory, retry_errors: bool) -> list[int]:
     _, shards = run.plan()
     stats = run.all_stats()
-    return [
-        s.id for s in shards
-        if s.id not in stats or (retry_errors and stats[s.id].get("failed_rows", 0) > 0)
-    ]
+    return [s.id for s in shards if needs_work(stats.get(s.id), retry_errors)]
 
 
 def _devices(gpus: str | None, workers: int | None) -> list[str] | None:

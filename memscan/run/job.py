@@ -18,7 +18,7 @@ import pandas as pd
 
 from memscan import __version__
 from memscan.config import DetectSettings, fingerprint
-from memscan.errors import FingerprintMismatchError, InputError, UsageError
+from memscan.errors import FingerprintMismatchError, InputError, UsageError, one_line
 from memscan.io.readers import PromptSource
 from memscan.io.scores import STATUS_OK, STATUS_SKIPPED_EMPTY, scores_schema, to_table
 from memscan.models.device import dtype_name, resolve_device, resolve_dtype
@@ -171,11 +171,8 @@ class ShardWorker:
 
     def pending(self, shard: Shard) -> bool:
         """Not done yet, or done with failed rows while retrying errors."""
-        if not self.run.is_done(shard):
-            return True
-        if not self.retry_errors:
-            return False
-        return read_json(self.run.stats_path(shard)).get("failed_rows", 0) > 0
+        stats = read_json(self.run.stats_path(shard)) if self.run.is_done(shard) else None
+        return needs_work(stats, self.retry_errors)
 
     def process(self, shard_id: int) -> ShardResult:
         """Score one shard and write it; failures are recorded, not raised (except interrupts)."""
@@ -197,7 +194,7 @@ class ShardWorker:
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - a broken shard must not stop the others
-            message = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
+            message = one_line(exc, with_type=True, limit=500)
             log.error("shard %s failed: %s", shard.name, message)
             self.run.record_failure(shard, message, self.name)
             return ShardResult(shard_id, ok=False, error=message)
@@ -218,6 +215,11 @@ class ShardWorker:
         merged["truncated"] = merged["truncated"].astype(bool)
         merged["flagged"] = merged["flagged"].astype("boolean")
         return merged
+
+
+def needs_work(stats: dict[str, Any] | None, retry_errors: bool) -> bool:
+    """Whether a shard with these stats (None: not done) is to be scored in this attempt."""
+    return stats is None or (retry_errors and stats.get("failed_rows", 0) > 0)
 
 
 def shard_stats(scores: pd.DataFrame, *, seconds: float, worker: str) -> dict[str, Any]:
