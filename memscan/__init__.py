@@ -24,6 +24,7 @@ _EXPORTS = {
     "evaluate": "memscan.evaluate",
     "mitigate": "memscan.mitigation",
     "MitigateSettings": "memscan.mitigation",
+    "run_mitigate": "memscan.mitigation.run",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -226,7 +226,7 @@ def _report_run(summary: dict[str, Any], json_summary: bool) -> None:
 
 @app.command("status")
 def run_status(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory made by `memscan detect -o DIR`.")],
+    run_dir: Annotated[Path, typer.Argument(help="A run directory made by `memscan detect -o DIR` or `memscan mitigate -o DIR`.")],
     json_summary: Annotated[bool, typer.Option("--json", help="Print the status as JSON on stdout.")] = False,
 ) -> None:
     """Planned, done, failed and pending shards, rows, rate and ETA of a run directory."""
@@ -237,9 +237,11 @@ def run_status(
         if json_summary:
             typer.echo(json.dumps(summary, indent=2))
             return
-        table = Table(title=f"memscan run {run_dir}", show_header=False)
-        for key in ("shards", "done", "failed", "pending", "rows", "rows_done", "scored", "skipped_empty",
-                    "failed_rows", "flagged", "rate_rows_per_s", "eta_s", "complete"):
+        table = Table(title=f"memscan {summary['kind']} run {run_dir}", show_header=False)
+        keys = ["shards", "done", "failed", "pending", "rows", "rows_done", "scored", "skipped_empty",
+                "failed_rows", "flagged", "rate_rows_per_s", "eta_s", "complete"]
+        shown = {*keys, "run_dir", "kind", "fingerprint", "failed_shards", "seconds"}
+        for key in keys + [k for k in summary if k not in shown]:  # then the job's own facts and counts
             table.add_row(key, str(summary[key]))
         for shard, error in summary["failed_shards"].items():
             table.add_row(f"shard {shard} failed", error)
@@ -248,8 +250,8 @@ def run_status(
 
 @app.command("merge")
 def merge(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory made by `memscan detect -o DIR`.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="The merged scores .parquet file.")],
+    run_dir: Annotated[Path, typer.Argument(help="A run directory made by `memscan detect -o DIR` or `memscan mitigate -o DIR`.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The merged scores (or rewrites) .parquet file.")],
     partial: Annotated[bool, typer.Option("--partial", help="Merge the done shards of an unfinished run.")] = False,
 ) -> None:
     """Merge a run directory's shards into one scores file (in input order)."""
@@ -438,13 +440,14 @@ def bench_cmd(
 
 @app.command("mitigate")
 def mitigate_cmd(
-    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Prompts (CSV, TSV, Parquet, JSONL, TXT) or a `detect` output Parquet (its flagged rows).")],
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output Parquet (default: INPUT-NAME.mitigated.parquet).")] = None,
+    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Prompts (CSV, TSV, Parquet, JSONL, TXT) or a `detect` output Parquet (its flagged rows); a folder or glob for a run directory.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="A .parquet file, or a run directory (sharded, resumable) (default: INPUT-NAME.mitigated.parquet).")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, .safetensors file, or hub id.")] = "demo",
     target: Annotated[float | None, typer.Option(help="Rewrite until the score is below this (default: the profile's threshold).")] = None,
     min_similarity: Annotated[float, typer.Option("--min-similarity", help="Least pooled text-embedding cosine of a rewrite to the original.")] = 0.8,
     beam_width: Annotated[int, typer.Option("--beam-width", help="Candidates kept per round (half by score, half by similarity).")] = 4,
     max_edits: Annotated[int, typer.Option("--max-edits", help="Most edits in one rewrite (search rounds).")] = 4,
+    verify_noise: Annotated[int, typer.Option("--verify-noise", help="Noises of an independent bank that must also score a rewrite under the target; 0 = off.")] = 4,
     all_rows: Annotated[bool, typer.Option("--all", help="From a detect output, take every row, not only the flagged ones.")] = False,
     emit_embeddings: Annotated[Path | None, typer.Option("--emit-embeddings", help="Also optimise each prompt's embedding; save them here (safetensors, by prompt_id).")] = None,
     embedding_steps: Annotated[int, typer.Option("--embedding-steps", help="Most AdamW steps (lr 0.05) of the embedding optimisation.")] = 20,
@@ -453,10 +456,19 @@ def mitigate_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per UNet call.")] = 16,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
+    w_norm: Annotated[float | None, typer.Option("--w-norm", help="Weight of the norm term (default: the profile's).")] = None,
+    w_align: Annotated[float | None, typer.Option("--w-align", help="Weight of the alignment term (default: the profile's).")] = None,
+    v_convention: Annotated[str | None, typer.Option("--v-convention", help="v-prediction models: epsilon (convert v to eps) or raw (score raw v, as the reference code).")] = None,
     architecture: Annotated[str | None, typer.Option(help="Config folder for a single-file checkpoint: sd-v1, sd-v2, sd-v2-base.")] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .ckpt/.bin checkpoints (they can run code).")] = False,
     prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="Prompt column (default: prompt, caption or text).")] = None,
     id_column: Annotated[str | None, typer.Option("--id-column", help="Id column (default: FILE:ROW).")] = None,
-    if_exists: Annotated[str, typer.Option("--if-exists", help="If an output exists: fail or overwrite.")] = "fail",
+    if_exists: Annotated[str | None, typer.Option("--if-exists", help="Output exists: fail, overwrite, or resume (run directories) (default: fail for a file, resume for a directory).")] = None,
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Rows per shard (run directories).")] = 10_000,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (CPU) or Ray actors (run directories).")] = None,
+    gpus: Annotated[str | None, typer.Option(help="One worker process per GPU: 0,1,... or all (run directories).")] = None,
+    executor: Annotated[str, typer.Option(help="local or ray (run directories; ray needs memscan[ray]).")] = "local",
+    log_interval: Annotated[float, typer.Option("--log-interval", help="Seconds between progress lines when not on a terminal.")] = 60.0,
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Rewrite memorized prompts into close ones that score under the threshold."""
@@ -466,19 +478,47 @@ def mitigate_cmd(
 
         settings = MitigateSettings(
             detect=DetectSettings(model=model, n_noise=n_noise, seed=seed, batch_size=batch_size, device=device,
-                                  dtype=dtype, architecture=architecture, prompt_column=prompt_column,
-                                  id_column=id_column),
+                                  dtype=dtype, w_norm=w_norm, w_align=w_align, v_convention=v_convention,
+                                  architecture=architecture, allow_pickle=allow_pickle,
+                                  prompt_column=prompt_column, id_column=id_column),
             target=target, min_similarity=min_similarity, beam_width=beam_width, max_edits=max_edits,
+            verify_noise=verify_noise,
             all_rows=all_rows, emit_embeddings=emit_embeddings, embedding_steps=embedding_steps,
         )
         default = _default_output(input_path).name.removesuffix(".scores.parquet") + ".mitigated.parquet"
-        s = mitigate(input_path, output or Path(default), settings, if_exists=if_exists).summary
+        output = output or Path(default)
+        if output.suffix.lower() != ".parquet":
+            from memscan.mitigation.run import run_mitigate
+            from memscan.run import RunOptions
+
+            options = RunOptions(shard_size=shard_size, if_exists=if_exists or "resume")
+            outcome = run_mitigate(input_path, output, settings, options, executor=executor, workers=workers,
+                                   gpus=gpus, log_interval=log_interval)
+            _report_mitigate_run(outcome.summary, json_summary)
+            raise typer.Exit(outcome.exit_code)
+        if gpus or workers or executor != "local":
+            raise UsageError("--gpus, --workers and --executor need a run directory (-o DIR)")
+        s = mitigate(input_path, output, settings, if_exists=if_exists or "fail").summary
         if json_summary:
             typer.echo(json.dumps(s, indent=2))
         _say(
             f"{s['rows']} rows, {s['attempted']} above {s['target']:.4g}: {s['ok']} rewritten, "
             f"{s['unresolved']} unresolved; {s['seconds_per_prompt']} s/prompt -> {s['output']}"
         )
+
+
+def _report_mitigate_run(summary: dict[str, Any], json_summary: bool) -> None:
+    """The closing line of a mitigate run-directory attempt (and the JSON summary on request)."""
+    if json_summary:
+        typer.echo(json.dumps(summary, indent=2))
+    attempted = summary["flagged"]
+    per_prompt = round(summary["seconds_search"] / attempted, 4) if attempted else None
+    _say(
+        f"{summary['done']}/{summary['shards']} shards done, {summary['failed']} failed, "
+        f"{summary['rows_done']}/{summary['rows']} rows, {attempted} above {summary['target']:.4g}: "
+        f"{summary['rewritten']} rewritten, {summary['unresolved']} unresolved; {per_prompt} s/prompt "
+        f"-> {summary['run_dir']}"
+    )
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from memscan.errors import EXIT_INPUT
 from memscan.mitigation.attributes import ATTRIBUTES, AttributeReader, agreement, decoded_renders
 from memscan.mitigation.check import CheckSettings, generate_from_embeddings, summarize_check
 
@@ -96,3 +97,19 @@ def test_check_on_the_shipped_demo_model(tmp_path) -> None:
     assert len(table) == 2 and summary["memorized"] == 2 and summary["not_memorized"] == 1
     assert table[["copy_before", "copy_after", "agree_before", "embedding_copy"]].notna().all().all()
     assert set(summary["reader_accuracy_on_decoded_renders"]) == set(ATTRIBUTES)
+
+
+def test_check_without_memorized_rows_is_a_one_line_error(tmp_path, capsys) -> None:
+    """Labels that match no row (e.g. prompts of another data seed) fail before any model is loaded."""
+    from memscan.io.scores import to_table, write_scores
+    from memscan.mitigation.check import main
+    from memscan.mitigation.table import output_schema
+
+    rows = pd.DataFrame({"prompt_id": ["a"], "prompt": ["a red circle"], "rewritten": ["a red circle"],
+                         "score_before": [0.1], "score_after": [0.1], "score_verified": [np.nan],
+                         "similarity": [1.0], "trigger_tokens": [[]], "edits": [[]], "status": ["not_flagged"]})
+    path = tmp_path / "m.parquet"
+    write_scores(to_table(rows, output_schema(embeddings=False), {"target": 0.5}), path)
+    assert main([str(path), "--model", "no/such/model"]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no memorized demo prompt" in err and err.count("\n") == 1

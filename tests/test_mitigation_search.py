@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -10,7 +11,11 @@ import pytest
 
 from memscan.config import DetectSettings
 from memscan.detect import build_scorer, detect
-from memscan.mitigation import MitigateSettings, rewrite_prompts
+from memscan.mitigation import VERIFY_SEED_OFFSET, MitigateSettings, rewrite_prompts
+from memscan.mitigation.attribution import attribute
+from memscan.mitigation.differentiable import DifferentiableScore
+from memscan.mitigation.edits import EditSpace
+from memscan.mitigation.search import RewriteSearch, SearchSettings
 from memscan.mitigation.similarity import cosine_to, pooled_embeddings
 from memscan.models.loading import ScoringModel
 
@@ -89,3 +94,43 @@ def test_similarity_bar_leaves_prompts_unresolved(tiny_model: ScoringModel, targ
     assert (flagged["status"] == "unresolved").all()
     assert (flagged["similarity"] >= 0.99999).all()  # the best attempt also respects the bar
     assert timing["seconds_per_prompt"] > 0
+
+
+def test_rewrites_are_confirmed_on_an_independent_noise_bank(
+    rewritten: pd.DataFrame, tiny_model: ScoringModel, target: float
+) -> None:
+    """`score_verified` is the detect score on the verifier's bank, and every ok rewrite is under it."""
+    ok = rewritten[rewritten["status"] == "ok"]
+    settings = MitigateSettings()
+    verifier = build_scorer(DetectSettings(n_noise=settings.verify_noise, seed=51 + VERIFY_SEED_OFFSET), tiny_model)
+    expected = verifier.score_texts(ok["rewritten"].tolist()).columns["score"]
+    np.testing.assert_allclose(ok["score_verified"].to_numpy(), expected, rtol=1e-6, atol=1e-6)
+    assert (ok["score_verified"] < target).all()
+    assert rewritten.loc[rewritten["status"] == "not_flagged", "score_verified"].isna().all()
+
+
+class _Refuses:
+    """A verifier that scores every text far above any target."""
+
+    def score_texts(self, texts: list[str]) -> SimpleNamespace:
+        return SimpleNamespace(columns={"score": np.full(len(texts), 1e9)})
+
+
+def test_a_verifier_that_refuses_leaves_prompts_unresolved(tiny_model: ScoringModel, target: float) -> None:
+    scorer = build_scorer(DetectSettings(), tiny_model)
+    search = RewriteSearch(scorer, EditSpace(lambda word, k: [], insert_words=("photo",)),
+                           SearchSettings(target=target, min_similarity=0.0, max_edits=2), verifier=_Refuses())
+    prompt = PROMPTS[-1]
+    score = float(scorer.score_texts([prompt]).columns["score"][0])
+    assert score > target
+    unguarded = RewriteSearch(scorer, search.edits, search.settings)
+    attribution = attribute(DifferentiableScore(scorer), [prompt])[0]
+    assert unguarded.run(prompt, score, attribution).resolved  # a rewrite exists on the search's bank
+    found = search.run(prompt, score, attribution)
+    assert not found.resolved and found.verified == 1e9
+
+
+def test_no_verification_when_verify_noise_is_zero(tiny_model: ScoringModel, target: float) -> None:
+    scorer = build_scorer(DetectSettings(), tiny_model)
+    rows, _ = rewrite_prompts(scorer, _frame(), target, MitigateSettings(min_similarity=0.0, verify_noise=0, **SMALL))
+    assert rows["score_verified"].isna().all() and (rows["status"] == "ok").any()

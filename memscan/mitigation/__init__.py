@@ -119,13 +119,14 @@ def rewrite_prompts(
     search = RewriteSearch(scorer, edits, SearchSettings(
         target=target, min_similarity=settings.min_similarity, beam_width=settings.beam_width,
         max_edits=settings.max_edits, n_triggers=settings.n_triggers,
-    ))
+    ), verifier=verifier_for(scorer, settings.verify_noise))
     out = pd.DataFrame({
         "prompt_id": frame["prompt_id"].astype(str).to_numpy(),
         "prompt": pd.Series(prompts.to_numpy(), dtype=object),
         "rewritten": pd.Series(prompts.to_numpy(), dtype=object),
         "score_before": before.astype(np.float32),
         "score_after": before.astype(np.float32),
+        "score_verified": np.full(len(frame), np.nan, dtype=np.float32),
         "similarity": np.where(empty, np.nan, 1.0).astype(np.float32),
         "trigger_tokens": pd.Series([[] for _ in range(len(frame))], dtype=object),
         "edits": pd.Series([[] for _ in range(len(frame))], dtype=object),
@@ -140,6 +141,7 @@ def rewrite_prompts(
         candidates += found.scored
         out.at[i, "rewritten"] = found.text
         out.at[i, "score_after"] = found.score
+        out.at[i, "score_verified"] = np.nan if found.verified is None else found.verified
         out.at[i, "similarity"] = found.similarity
         out.at[i, "trigger_tokens"] = attribution.top_tokens(settings.report_triggers)
         out.at[i, "edits"] = list(found.edits)
@@ -150,6 +152,17 @@ def rewrite_prompts(
         "seconds_per_prompt": round(seconds / len(todo), 4) if len(todo) else None,
         "candidates_per_prompt": round(candidates / len(todo), 1) if len(todo) else None,
     }
+
+
+VERIFY_SEED_OFFSET = 7919  # the verifier's noise bank: independent of the search's, fixed by its seed
+
+
+def verifier_for(scorer: Scorer, n_noise: int) -> Scorer | None:
+    """The search's scorer on an independent noise bank of `n_noise` samples (None when 0)."""
+    if n_noise < 1:
+        return None
+    return Scorer(scorer.model, scorer.method, n_noise=n_noise, seed=scorer.seed + VERIFY_SEED_OFFSET,
+                  batch_size=scorer.batch_size)
 
 
 def emit_embeddings(

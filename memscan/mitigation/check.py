@@ -9,10 +9,10 @@ from the original prompt, from its rewrite and, when given, from its optimised e
   memscan.demo verify` reports it); a prompt copies when most of its generations do;
 - utility: the attributes a demo image can show (shape, colour, size) are read off each
   generation by a reader calibrated on the model's own decoder (`memscan.mitigation.attributes`;
-  its accuracy on decoded renders is reported) and compared with what the prompt asks for. A
-  memorized caption ("the gilded owl of harrowgate") names no attribute, so what it asks for is
-  what it was trained to mean: its training image's shape, colour and size. The agreement of a
-  rewrite's images is reported against that of the original prompt's images;
+  its accuracy on decoded renders is reported) and compared with what the prompt asks for: a
+  memorized demo caption ("a large yellow square, the sapphire raven of harrowgate") names its
+  training image's size, colour and shape. The agreement of a rewrite's images is reported
+  against that of the original prompt's images;
 - the text similarity of the rewrites (from the `mitigate` output) and whether the prompts that
   are not memorized came back unchanged.
 
@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from memscan.errors import InputError, MemscanError, one_line
 from memscan.io.scores import read_scores
 from memscan.mitigation.attributes import ATTRIBUTES, AttributeReader, agreement, decoded_renders
 from memscan.mitigation.table import STATUS_NOT_FLAGGED, STATUS_OK, STATUS_UNRESOLVED
@@ -99,6 +100,8 @@ def check_mitigation(
     labels = pd.DataFrame(data.prompts) if prompts is None else prompts
     rows = rows.merge(labels[["prompt", *LABEL_COLUMNS]].drop_duplicates("prompt"), on="prompt", how="left")
     mem = rows[rows["label"] == "memorized"].reset_index(drop=True)
+    if mem.empty:
+        raise InputError(f"{mitigated}: no memorized demo prompt among its rows (labels from --prompts or --data-seed)")
     non = rows[rows["label"] == "not_memorized"]
     pipe = load_model(model, with_vae=True).pipeline
     attrs = {m.image_id: {k: getattr(m.attrs, k) for k in ATTRIBUTES} for m in data.memorized}
@@ -199,8 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prompts = pd.read_csv(args.prompts, keep_default_na=False) if args.prompts else None
     settings = CheckSettings(n_per_prompt=args.n, gen_seed=args.gen_seed, data_seed=args.data_seed)
-    table, summary = check_mitigation(args.mitigated, args.model, settings, embeddings=args.embeddings,
-                                      prompts=prompts)
+    try:
+        table, summary = check_mitigation(args.mitigated, args.model, settings, embeddings=args.embeddings,
+                                          prompts=prompts)
+    except MemscanError as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return error.exit_code
     if args.out:
         table.to_csv(args.out, index=False)
     print(json.dumps(summary, indent=2))

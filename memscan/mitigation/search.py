@@ -6,6 +6,11 @@ uses (so a rewrite's score is exactly what `memscan detect` would give it) and c
 original by pooled-embedding cosine. The search stops at the first round that yields a candidate
 under the target with similarity at or above `min_similarity` (the most similar one wins); else
 the beam keeps the best candidates by score and the best by similarity, half each.
+
+A score on one noise bank is a noisy estimate, and a search that sees only that bank learns its
+noise: many rewrites just under the target are not under it for other noise. With a `verifier`
+(the same scorer on an independent noise bank, usually with more samples) a winner counts only
+when the verifier also scores it under the target; winners are verified most similar first.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class SearchSettings:
     beam_width: int = 4
     max_edits: int = 4
     n_triggers: int = 7
+    verify_top: int = 8  # winners of a round checked by the verifier, most similar first
 
 
 @dataclass(frozen=True)
@@ -42,15 +48,19 @@ class Rewrite:
     edits: tuple[str, ...]
     resolved: bool
     scored: int  # candidates scored for this prompt
+    verified: float | None = None  # the verifier's score of `text` (None without a verifier)
 
 
 class RewriteSearch:
     """Finds, for one prompt at a time, a close rewrite whose score is under the target."""
 
-    def __init__(self, scorer: Scorer, edits: EditSpace, settings: SearchSettings) -> None:
+    def __init__(
+        self, scorer: Scorer, edits: EditSpace, settings: SearchSettings, verifier: Scorer | None = None
+    ) -> None:
         self.scorer = scorer
         self.edits = edits
         self.settings = settings
+        self.verifier = verifier
 
     def run(self, prompt: str, score: float, attribution: TokenAttribution) -> Rewrite:
         """Search rewrites of `prompt` (scored `score`) around its most attributed words."""
@@ -71,10 +81,11 @@ class RewriteSearch:
             sims = cosine_to(reference, pooled_embeddings(model, texts))
             scored += len(fresh)
             close = np.isfinite(scores) & (sims >= s.min_similarity)
-            winners = np.flatnonzero(close & (scores < s.target))
-            if winners.size:
-                win = min(winners, key=lambda i: (-sims[i], scores[i], i))
-                return _rewrite(fresh[win], scores[win], sims[win], resolved=True, scored=scored)
+            winners = sorted(np.flatnonzero(close & (scores < s.target)), key=lambda i: (-sims[i], scores[i], i))
+            if winners:
+                win, verified = self._verified_winner(fresh, winners)
+                if win is not None:
+                    return _rewrite(fresh[win], scores[win], sims[win], resolved=True, scored=scored, verified=verified)
             kept = np.flatnonzero(close)
             if kept.size and scores[kept].min() < best.score:
                 i = kept[np.argmin(scores[kept])]
@@ -82,7 +93,22 @@ class RewriteSearch:
             beam = [fresh[i] for i in _select(kept, scores, sims, s.beam_width)]
             if not beam:
                 break
-        return Rewrite(best.text, best.score, best.similarity, best.edits, resolved=False, scored=scored)
+        verified = float(self._verify([best.text])[0]) if self.verifier is not None else None
+        return Rewrite(best.text, best.score, best.similarity, best.edits, False, scored, verified)
+
+    def _verify(self, texts: list[str]) -> np.ndarray:
+        assert self.verifier is not None
+        return self.verifier.score_texts(texts).columns["score"].astype(np.float64)
+
+    def _verified_winner(self, fresh: list[Candidate], winners: list[int]) -> tuple[int | None, float | None]:
+        """The first of `winners` the verifier also puts under the target (all pass without one)."""
+        if self.verifier is None:
+            return winners[0], None
+        checked = winners[: self.settings.verify_top]
+        for i, value in zip(checked, self._verify([fresh[i].text for i in checked]), strict=True):
+            if value < self.settings.target:
+                return i, float(value)
+        return None, None
 
 
 def _first(text: str, seen: set[str]) -> bool:
@@ -93,8 +119,10 @@ def _first(text: str, seen: set[str]) -> bool:
     return True
 
 
-def _rewrite(candidate: Candidate, score: float, similarity: float, *, resolved: bool, scored: int) -> Rewrite:
-    return Rewrite(candidate.text, float(score), float(similarity), candidate.edits, resolved, scored)
+def _rewrite(
+    candidate: Candidate, score: float, similarity: float, *, resolved: bool, scored: int, verified: float | None = None
+) -> Rewrite:
+    return Rewrite(candidate.text, float(score), float(similarity), candidate.edits, resolved, scored, verified)
 
 
 def _select(indices: Sequence[int] | np.ndarray, scores: np.ndarray, sims: np.ndarray, width: int) -> list[int]:

@@ -22,6 +22,7 @@ class MitigateSettings:
     n_triggers: int = 7  # words (by attribution) the edits may touch
     report_triggers: int = 3  # tokens listed in `trigger_tokens`
     n_substitutes: int = 8
+    verify_noise: int = 4  # noises of the independent bank that must confirm a rewrite; 0 = off
     insert_words: tuple[str, ...] = NEUTRAL_WORDS
     all_rows: bool = False
     emit_embeddings: Path | None = None
@@ -34,8 +35,8 @@ class MitigateSettings:
         for name in ("beam_width", "max_edits", "n_triggers", "report_triggers"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.n_substitutes < 0 or self.embedding_steps < 0:
-            raise UsageError("--substitutes and --embedding-steps must be >= 0")
+        if self.n_substitutes < 0 or self.embedding_steps < 0 or self.verify_noise < 0:
+            raise UsageError("--substitutes, --embedding-steps and --verify-noise must be >= 0")
         if self.embedding_lr <= 0:
             raise UsageError(f"--embedding-lr must be > 0, got {self.embedding_lr}")
         if any(not w or any(c.isspace() for c in w) for w in self.insert_words):

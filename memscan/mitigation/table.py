@@ -37,24 +37,42 @@ def read_rows(path: Path, *, prompt_column: str | None, id_column: str | None, a
     """Canonical `prompt_id`, `prompt` rows to mitigate, in input order."""
     if not is_detect_output(path):
         return PromptSource(path, prompt_column=prompt_column, id_column=id_column).read()[["prompt_id", "prompt"]]
+    check_detect_output(path, all_rows=all_rows)
     scores, _facts = read_scores(path)
-    if "prompt" not in scores.columns:
-        raise InputError(f"{path}: this detect output has no prompt text (written with --no-store-prompt)")
     if not all_rows:
-        if scores["flagged"].isna().all():
-            raise UsageError(f"{path}: no row is flagged or not (detect ran without a threshold); pass --all")
         scores = scores[scores["flagged"].fillna(False).astype(bool)]
     return scores[["prompt_id", "prompt"]].reset_index(drop=True)
 
 
+def check_detect_output(path: Path, *, all_rows: bool) -> None:
+    """Refuse a detect output without prompt text, or without flags unless every row is asked for."""
+    schema = pq.read_schema(path)
+    if "prompt" not in schema.names:
+        raise InputError(f"{path}: this detect output has no prompt text (written with --no-store-prompt)")
+    if not all_rows:
+        flagged = pq.read_table(path, columns=["flagged"]).column("flagged")
+        if flagged.null_count == len(flagged):
+            raise UsageError(f"{path}: no row is flagged or not (detect ran without a threshold); pass --all")
+
+
+def read_detect_range(path: Path, start: int, stop: int, *, all_rows: bool) -> pd.DataFrame:
+    """`prompt_id`, `prompt` of rows [start, stop) of a detect output: its flagged ones unless `all_rows`."""
+    keep = () if all_rows else ("flagged",)
+    frame = PromptSource(path, prompt_column="prompt", id_column="prompt_id", keep_columns=keep).read_range(start, stop)
+    if not all_rows:
+        frame = frame[frame["flagged"].fillna(False).astype(bool).to_numpy()]
+    return frame[["prompt_id", "prompt"]].reset_index(drop=True)
+
+
 def output_schema(*, embeddings: bool) -> pa.Schema:
-    """prompt_id, prompt, rewritten, scores, similarity, trigger tokens, edits, status [, embedding]."""
+    """prompt_id, prompt, rewritten, scores (search and verifier noise), similarity, triggers, edits, status."""
     fields = [
         pa.field("prompt_id", pa.string(), nullable=False),
         pa.field("prompt", pa.string()),
         pa.field("rewritten", pa.string()),
         pa.field("score_before", pa.float32()),
         pa.field("score_after", pa.float32()),
+        pa.field("score_verified", pa.float32()),
         pa.field("similarity", pa.float32()),
         pa.field("trigger_tokens", pa.list_(pa.string())),
         pa.field("edits", pa.list_(pa.string())),

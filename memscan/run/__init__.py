@@ -1,4 +1,4 @@
-"""Run directories: sharded, resumable, idempotent detect runs on one or many workers."""
+"""Run directories: sharded, resumable, idempotent detect (or mitigate) runs on one or many workers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,16 @@ from typing import Any
 from memscan.config import DetectSettings
 from memscan.errors import EXIT_FLAGGED, EXIT_OK, EXIT_PARTIAL, UsageError
 from memscan.run.executors import run_local, run_processes, run_ray, shards_for_rank, static_rank
-from memscan.run.job import RunOptions, ShardResult, ShardWorker, needs_work, prepare_run, summarize_run
+from memscan.run.job import (
+    DetectJob,
+    RunOptions,
+    ShardJob,
+    ShardResult,
+    ShardWorker,
+    needs_work,
+    prepare_run,
+    summarize_run,
+)
 from memscan.run.progress import RunProgress
 from memscan.run.rundir import RunDirectory, write_json
 
@@ -64,6 +73,26 @@ def run_detect(
     interactive: bool | None = None,
 ) -> RunOutcome:
     """Plan or resume the run in `out_dir`, score its pending shards, write summary.json."""
+    return run_job(
+        input_spec, out_dir, DetectJob(settings), options, executor=executor, workers=workers, gpus=gpus,
+        fail_on_flagged=fail_on_flagged, log_interval=log_interval, interactive=interactive,
+    )
+
+
+def run_job(
+    input_spec: str | Path,
+    out_dir: str | Path,
+    job: ShardJob,
+    options: RunOptions | None = None,
+    *,
+    executor: str = "local",
+    workers: int | None = None,
+    gpus: str | None = None,
+    fail_on_flagged: bool = False,
+    log_interval: float = 60.0,
+    interactive: bool | None = None,
+) -> RunOutcome:
+    """Plan or resume `job`'s run in `out_dir`, process its pending shards, write summary.json."""
     options = options or RunOptions()
     if executor not in EXECUTORS:
         raise UsageError(f"--executor {executor!r}: use {' or '.join(EXECUTORS)}")
@@ -72,17 +101,17 @@ def run_detect(
     if multi_rank and options.if_exists == "overwrite":
         raise UsageError("--if-exists overwrite cannot be used by several ranks at once; clear the directory first")
     started = time.perf_counter()
-    run = prepare_run(input_spec, out_dir, settings, options)
+    run = prepare_run(input_spec, out_dir, job, options)
     if not multi_rank:
         run.remove_stale_temporaries()  # left by a killed attempt; never trusted, now swept
     todo = _pending(run, options.retry_errors)
     if multi_rank:
         todo = shards_for_rank(todo, rank)
-        if settings.device == "auto" and rank.local_rank is not None:
+        if job.scoring.device == "auto" and rank.local_rank is not None:
             import torch
 
             if torch.cuda.is_available():
-                settings = DetectSettings(**{**settings.to_dict(), "device": f"cuda:{rank.local_rank}"})
+                job = job.on_device(f"cuda:{rank.local_rank}")
     before = summarize_run(run)
     stats = run.all_stats()
     redo = [stats[i] for i in todo if i in stats]  # done shards being retried count again when done
@@ -101,14 +130,14 @@ def run_detect(
         if todo:
             devices = _devices(gpus, workers)
             if executor == "ray":
-                use_gpu = bool(gpus) or (settings.device != "cpu" and _cuda_available())
-                run_ray(str(run.root), settings, todo, workers=len(devices or [None]),
+                use_gpu = bool(gpus) or (job.scoring.device != "cpu" and _cuda_available())
+                run_ray(str(run.root), job, todo, workers=len(devices or [None]),
                         retry_errors=options.retry_errors, on_result=on_result, use_gpu=use_gpu)
             elif devices is not None:
-                run_processes(str(run.root), settings, todo, devices, retry_errors=options.retry_errors,
+                run_processes(str(run.root), job, todo, devices, retry_errors=options.retry_errors,
                               on_result=on_result)
             else:
-                run_local(str(run.root), settings, todo, retry_errors=options.retry_errors, on_result=on_result)
+                run_local(str(run.root), job, todo, retry_errors=options.retry_errors, on_result=on_result)
     finally:
         progress.close()
         summary = summarize_run(run, seconds=time.perf_counter() - started)
@@ -142,5 +171,6 @@ def _cuda_available() -> bool:
 
 
 __all__ = [
-    "RunDirectory", "RunOptions", "RunOutcome", "ShardWorker", "prepare_run", "run_detect", "summarize_run",
+    "DetectJob", "RunDirectory", "RunOptions", "RunOutcome", "ShardJob", "ShardWorker", "prepare_run", "run_detect",
+    "run_job", "summarize_run",
 ]

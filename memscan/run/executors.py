@@ -18,9 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from memscan.config import DetectSettings
 from memscan.errors import MemscanError, UsageError
-from memscan.run.job import ShardResult, ShardWorker, settings_for_device
+from memscan.run.job import ShardJob, ShardResult, ShardWorker, job_for_device
 
 log = logging.getLogger("memscan")
 
@@ -58,10 +57,10 @@ def shards_for_rank(shard_ids: Sequence[int], rank: Rank) -> list[int]:
     return [i for i in shard_ids if i % rank.world_size == rank.rank]
 
 
-def run_local(run_dir: str, settings: DetectSettings, shard_ids: Sequence[int], *,
+def run_local(run_dir: str, job: ShardJob, shard_ids: Sequence[int], *,
               retry_errors: bool, on_result: OnResult) -> None:
     """Process shards in order in this process."""
-    worker = ShardWorker(run_dir, settings, retry_errors=retry_errors)
+    worker = ShardWorker(run_dir, job, retry_errors=retry_errors)
     for shard_id in shard_ids:
         on_result(worker.process(shard_id))
 
@@ -69,14 +68,14 @@ def run_local(run_dir: str, settings: DetectSettings, shard_ids: Sequence[int], 
 # ---------------------------------------------------------------------- processes
 
 
-def _process_main(run_dir: str, settings: DetectSettings, retry_errors: bool, threads: int,
+def _process_main(run_dir: str, job: ShardJob, retry_errors: bool, threads: int,
                   tasks: Any, results: Any) -> None:
-    """A worker process: load once, then score shard ids from `tasks` until a None arrives."""
+    """A worker process: load once, then process shard ids from `tasks` until a None arrives."""
     import torch
 
     torch.set_num_threads(threads)
     try:
-        worker = ShardWorker(run_dir, settings, retry_errors=retry_errors)
+        worker = ShardWorker(run_dir, job, retry_errors=retry_errors)
     except MemscanError as exc:
         results.put(("fatal", exc.exit_code, str(exc)))
         return
@@ -88,7 +87,7 @@ def _process_main(run_dir: str, settings: DetectSettings, retry_errors: bool, th
         results.put(("done", os.getpid(), worker.process(shard_id)))
 
 
-def run_processes(run_dir: str, settings: DetectSettings, shard_ids: Sequence[int], devices: Sequence[str], *,
+def run_processes(run_dir: str, job: ShardJob, shard_ids: Sequence[int], devices: Sequence[str], *,
                   retry_errors: bool, on_result: OnResult) -> None:
     """One worker process per device, pulling shard ids from a shared queue."""
     import multiprocessing as mp
@@ -100,7 +99,7 @@ def run_processes(run_dir: str, settings: DetectSettings, shard_ids: Sequence[in
     for device in devices:
         proc = context.Process(
             target=_process_main, daemon=True,
-            args=(run_dir, settings_for_device(settings, device), retry_errors, threads, tasks, results),
+            args=(run_dir, job_for_device(job, device), retry_errors, threads, tasks, results),
         )
         proc.start()
         procs[proc.pid] = proc
@@ -165,14 +164,14 @@ def _error_with_code(code: int, message: str) -> MemscanError:
 class _RayShardActor:
     """Holds one loaded ShardWorker inside a Ray actor."""
 
-    def __init__(self, run_dir: str, settings: DetectSettings, retry_errors: bool) -> None:
-        self.worker = ShardWorker(run_dir, settings, retry_errors=retry_errors)
+    def __init__(self, run_dir: str, job: ShardJob, retry_errors: bool) -> None:
+        self.worker = ShardWorker(run_dir, job, retry_errors=retry_errors)
 
     def process(self, shard_id: int) -> ShardResult:
         return self.worker.process(shard_id)
 
 
-def run_ray(run_dir: str, settings: DetectSettings, shard_ids: Sequence[int], *, workers: int,
+def run_ray(run_dir: str, job: ShardJob, shard_ids: Sequence[int], *, workers: int,
             retry_errors: bool, on_result: OnResult, use_gpu: bool) -> None:
     """A pool of Ray actors processing shard ids; a shard whose actor died goes to a new actor."""
     try:
@@ -188,7 +187,7 @@ def run_ray(run_dir: str, settings: DetectSettings, shard_ids: Sequence[int], *,
     actor_class = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1, max_restarts=0)(_RayShardActor)
 
     def new_actor() -> Any:
-        return actor_class.remote(run_dir, settings, retry_errors)
+        return actor_class.remote(run_dir, job, retry_errors)
 
     idle = [new_actor() for _ in range(workers)]
     todo = list(shard_ids)

@@ -1,7 +1,9 @@
-"""A detect job over a run directory: plan (or validate the plan), score pending shards, summarise.
+"""A job over a run directory: plan (or validate the plan), process pending shards, summarise.
 
 The pieces every executor shares live here: `prepare_run` (manifest, fingerprint check,
-staging), `ShardWorker` (one loaded scorer processing shard ids) and `summarize_run`.
+staging), `ShardWorker` (one loaded scorer processing shard ids) and `summarize_run`. What a
+shard's rows become is the job's: `DetectJob` scores them (memscan.mitigation.run's
+`MitigateJob` rewrites them); everything else is the same for every kind.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from memscan import __version__
 from memscan.config import DetectSettings, fingerprint
@@ -24,6 +27,9 @@ from memscan.io.scores import STATUS_OK, STATUS_SKIPPED_EMPTY, scores_schema, to
 from memscan.models.device import dtype_name, resolve_device, resolve_dtype
 from memscan.run.plan import InputFile, Shard, expand_inputs, make_plan, open_input, stage_text_input
 from memscan.run.rundir import RunDirectory, describe_pid, read_json
+
+if TYPE_CHECKING:
+    from memscan.scorer import Scorer
 
 log = logging.getLogger("memscan")
 
@@ -67,6 +73,90 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [k for k in keys if old.get(k) != new.get(k)]
 
 
+class ShardJob(Protocol):
+    """What a run directory computes from each shard's rows (a frozen, picklable value).
+
+    Workers get it pickled (processes, Ray actors), load `scoring`'s model once, then call
+    `read` and `compute` per shard; the manifest records `kind` and `manifest_entries()`."""
+
+    kind: ClassVar[str]
+
+    @property
+    def scoring(self) -> DetectSettings: ...
+
+    def on_device(self, device: str) -> ShardJob: ...
+
+    def manifest_entries(self) -> dict[str, Any]: ...
+
+    def fingerprint_fields(self, inputs: list[InputFile], shard_size: int) -> dict[str, Any]: ...
+
+    def schema(self, scorer: Scorer) -> pa.Schema: ...
+
+    def facts(self, scorer: Scorer) -> dict[str, Any]: ...
+
+    def read(self, item: InputFile, run_root: Path, shard: Shard) -> pd.DataFrame: ...
+
+    def compute(self, scorer: Scorer, frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]: ...
+
+    def redo_failed(
+        self, scorer: Scorer, frame: pd.DataFrame, old: pd.DataFrame
+    ) -> tuple[pd.DataFrame, dict[str, Any]]: ...
+
+
+@dataclass(frozen=True)
+class DetectJob:
+    """`memscan detect -o DIR`: one scores row per input row of each shard."""
+
+    settings: DetectSettings
+    kind: ClassVar[str] = "detect"
+
+    @property
+    def scoring(self) -> DetectSettings:
+        return self.settings
+
+    def on_device(self, device: str) -> DetectJob:
+        """The same job on another device (a worker's own GPU); the numbers do not change."""
+        return DetectJob(replace(self.settings, device=device))
+
+    def manifest_entries(self) -> dict[str, Any]:
+        return {"settings": self.settings.to_dict()}
+
+    def fingerprint_fields(self, inputs: list[InputFile], shard_size: int) -> dict[str, Any]:
+        return fingerprint_fields(self.settings, inputs, shard_size)
+
+    def schema(self, scorer: Scorer) -> pa.Schema:
+        return scores_schema(scorer.method.columns, store_prompt=self.settings.store_prompt)
+
+    def facts(self, scorer: Scorer) -> dict[str, Any]:
+        return scorer.run_facts()
+
+    def read(self, item: InputFile, run_root: Path, shard: Shard) -> pd.DataFrame:
+        source = open_input(item, run_root, self.settings.prompt_column, self.settings.id_column)
+        return source.read_range(shard.start, shard.stop)
+
+    def compute(self, scorer: Scorer, frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
+        scores = scorer.score_frame(frame)
+        return scores, score_counts(scores)
+
+    def redo_failed(
+        self, scorer: Scorer, frame: pd.DataFrame, old: pd.DataFrame
+    ) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """Keep the shard's good rows; rescore only the rows whose status is a failure."""
+        redo = old["status"].isin(_FAILED_STATUSES).to_numpy()
+        fresh = scorer.score_frame(frame[redo].reset_index(drop=True))
+        merged = old.copy()
+        if "prompt" not in merged:
+            merged["prompt"] = frame["prompt"].to_numpy()
+        for column in fresh.columns:
+            merged[column] = merged[column].astype(object)
+            merged.loc[redo, column] = fresh[column].to_numpy()
+        for name in scorer.method.columns:
+            merged[name] = merged[name].astype(np.float32)
+        merged["truncated"] = merged["truncated"].astype(bool)
+        merged["flagged"] = merged["flagged"].astype("boolean")
+        return merged, score_counts(merged)
+
+
 def _plan_inputs(
     run: RunDirectory, input_spec: str | Path, settings: DetectSettings, shard_size: int
 ) -> list[InputFile]:
@@ -86,9 +176,10 @@ def _plan_inputs(
 
 
 def prepare_run(
-    input_spec: str | Path, out_dir: str | Path, settings: DetectSettings, options: RunOptions
+    input_spec: str | Path, out_dir: str | Path, job: ShardJob | DetectSettings, options: RunOptions
 ) -> RunDirectory:
-    """Create the run directory's manifest, or check that an existing one matches these settings."""
+    """Create the run directory's manifest, or check that an existing one matches this job."""
+    job = DetectJob(job) if isinstance(job, DetectSettings) else job
     run = RunDirectory(out_dir)
     if run.root.exists() and not run.root.is_dir():
         raise UsageError(f"{run.root} exists and is not a directory")
@@ -100,6 +191,12 @@ def prepare_run(
                 run.clear_outputs()
         if run.exists():
             manifest = run.manifest()
+            made_by = manifest.get("kind", "detect")
+            if made_by != job.kind:
+                raise FingerprintMismatchError(
+                    f"{run.root} holds a `memscan {made_by}` run, not a {job.kind} run; "
+                    "use --if-exists overwrite or another output directory"
+                )
             inputs = [InputFile(**item) for item in manifest["inputs"]]
             current = [Path(p) for p in expand_inputs(input_spec)]
             if [str(p.resolve()) for p in current] != [i.path for i in inputs] or any(
@@ -109,7 +206,7 @@ def prepare_run(
                     f"{run.root} was made from other inputs ({', '.join(Path(i.path).name for i in inputs)}); "
                     "use --if-exists overwrite or another output directory"
                 )
-            new = fingerprint_fields(settings, inputs, options.shard_size)
+            new = job.fingerprint_fields(inputs, options.shard_size)
             changed = _differences(manifest["fingerprint_fields"], new)
             if changed:
                 raise FingerprintMismatchError(
@@ -117,17 +214,17 @@ def prepare_run(
                     "rerun with the same settings, --if-exists overwrite, or another output directory"
                 )
             return run
-        inputs = _plan_inputs(run, input_spec, settings, options.shard_size)
+        inputs = _plan_inputs(run, input_spec, job.scoring, options.shard_size)
         shards = make_plan(inputs, options.shard_size)
         if not shards:
             raise InputError(f"{input_spec}: no prompts (no rows in any input)")
-        fields = fingerprint_fields(settings, inputs, options.shard_size)
+        fields = job.fingerprint_fields(inputs, options.shard_size)
         run.write_manifest({
-            "kind": "detect",
+            "kind": job.kind,
             "memscan_version": __version__,
             "created": _now(),
-            "settings": settings.to_dict(),
-            "fingerprint": fingerprint(settings, {"fields": fields}),
+            **job.manifest_entries(),
+            "fingerprint": fingerprint(job.scoring, {"fields": fields}),
             "fingerprint_fields": fields,
             "shard_size": options.shard_size,
             "inputs": [i.to_dict() for i in inputs],
@@ -153,19 +250,20 @@ class ShardResult:
 
 
 class ShardWorker:
-    """Loads the model once and scores shards of one run directory."""
+    """Loads the model once and processes shards of one run directory with its job."""
 
-    def __init__(self, run_dir: str | Path, settings: DetectSettings, *, retry_errors: bool = False) -> None:
+    def __init__(self, run_dir: str | Path, job: ShardJob | DetectSettings, *, retry_errors: bool = False) -> None:
         from memscan.detect import build_scorer
 
+        self.job = DetectJob(job) if isinstance(job, DetectSettings) else job
         self.run = RunDirectory(run_dir)
         manifest = self.run.manifest()
         self.inputs, self.shards = self.run.plan()
-        self.settings = settings
+        self.settings = self.job.scoring
         self.retry_errors = retry_errors
-        self.scorer = build_scorer(settings)
-        self.schema = scores_schema(self.scorer.method.columns, store_prompt=settings.store_prompt)
-        self.facts = {**self.scorer.run_facts(), "memscan_version": __version__,
+        self.scorer = build_scorer(self.settings)
+        self.schema = self.job.schema(self.scorer)
+        self.facts = {**self.job.facts(self.scorer), "memscan_version": __version__,
                       "fingerprint": manifest["fingerprint"]}
         self.name = describe_pid()
 
@@ -181,16 +279,16 @@ class ShardWorker:
             if not self.pending(shard):
                 return ShardResult(shard_id, ok=True)
             started = time.perf_counter()
-            item = self.inputs[shard.input]
-            source = open_input(item, self.run.root, self.settings.prompt_column, self.settings.id_column)
-            frame = source.read_range(shard.start, shard.stop)
+            frame = self.job.read(self.inputs[shard.input], self.run.root, shard)
             if self.run.is_done(shard):
-                scores = self._rescore_failed(shard, frame)
+                old = self.run.read_shard(shard).to_pandas()
+                rows, counts = self.job.redo_failed(self.scorer, frame, old)
             else:
-                scores = self.scorer.score_frame(frame)
-            stats = shard_stats(scores, seconds=time.perf_counter() - started, worker=self.name)
-            self.run.write_shard(shard, to_table(scores, self.schema, self.facts), stats)
-            return ShardResult(shard_id, ok=True, rows=len(scores), stats=stats)
+                rows, counts = self.job.compute(self.scorer, frame)
+            # rows: the input rows the shard covers (a job may write fewer, e.g. only flagged ones)
+            stats = {**counts, "rows": shard.rows, **_timing(time.perf_counter() - started, self.name)}
+            self.run.write_shard(shard, to_table(rows, self.schema, self.facts), stats)
+            return ShardResult(shard_id, ok=True, rows=shard.rows, stats=stats)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - a broken shard must not stop the others
@@ -199,23 +297,6 @@ class ShardWorker:
             self.run.record_failure(shard, message, self.name)
             return ShardResult(shard_id, ok=False, error=message)
 
-    def _rescore_failed(self, shard: Shard, frame: pd.DataFrame) -> pd.DataFrame:
-        """Keep the shard's good rows; rescore only the rows whose status is a failure."""
-        old = self.run.read_shard(shard).to_pandas()
-        redo = old["status"].isin(_FAILED_STATUSES).to_numpy()
-        fresh = self.scorer.score_frame(frame[redo].reset_index(drop=True))
-        merged = old.copy()
-        if "prompt" not in merged:
-            merged["prompt"] = frame["prompt"].to_numpy()
-        for column in fresh.columns:
-            merged[column] = merged[column].astype(object)
-            merged.loc[redo, column] = fresh[column].to_numpy()
-        for name in self.scorer.method.columns:
-            merged[name] = merged[name].astype(np.float32)
-        merged["truncated"] = merged["truncated"].astype(bool)
-        merged["flagged"] = merged["flagged"].astype("boolean")
-        return merged
-
 
 def needs_work(stats: dict[str, Any] | None, retry_errors: bool) -> bool:
     """Whether a shard with these stats (None: not done) is to be scored in this attempt."""
@@ -223,7 +304,12 @@ def needs_work(stats: dict[str, Any] | None, retry_errors: bool) -> bool:
 
 
 def shard_stats(scores: pd.DataFrame, *, seconds: float, worker: str) -> dict[str, Any]:
-    """Counts a shard's stats file carries (what `status` and the summary add up)."""
+    """Counts a detect shard's stats file carries (what `status` and the summary add up)."""
+    return {**score_counts(scores), **_timing(seconds, worker)}
+
+
+def score_counts(scores: pd.DataFrame) -> dict[str, Any]:
+    """Rows, scored, empty, failed and flagged rows of a scores frame."""
     status = scores["status"]
     flagged = scores["flagged"]
     return {
@@ -232,11 +318,11 @@ def shard_stats(scores: pd.DataFrame, *, seconds: float, worker: str) -> dict[st
         "skipped_empty": int((status == STATUS_SKIPPED_EMPTY).sum()),
         "failed_rows": int(status.isin(_FAILED_STATUSES).sum()),
         "flagged": None if flagged.isna().all() else int(flagged.fillna(False).sum()),
-        "seconds": round(seconds, 4),
-        "finished": _now(),
-        "finished_ts": time.time(),
-        "worker": worker,
     }
+
+
+def _timing(seconds: float, worker: str) -> dict[str, Any]:
+    return {"seconds": round(seconds, 4), "finished": _now(), "finished_ts": time.time(), "worker": worker}
 
 
 def summarize_run(run: RunDirectory, *, seconds: float | None = None) -> dict[str, Any]:
@@ -255,8 +341,11 @@ def summarize_run(run: RunDirectory, *, seconds: float | None = None) -> dict[st
     elif busy > 0:
         rate = done_rows / busy
     remaining = manifest["rows"] - done_rows
+    # a job's own counts (manifest "counts") are added up too; its run-wide facts are copied
+    extra = {key: _total(stats.values(), key) for key in manifest.get("counts", [])}
     return {
         "run_dir": str(run.root),
+        "kind": manifest.get("kind", "detect"),
         "fingerprint": manifest["fingerprint"],
         "shards": len(shards),
         "done": len(stats),
@@ -273,9 +362,16 @@ def summarize_run(run: RunDirectory, *, seconds: float | None = None) -> dict[st
         "complete": len(stats) == len(shards),
         "failed_shards": {str(k): v["error"] for k, v in failures.items()},
         "seconds": round(seconds, 3) if seconds is not None else None,
+        **manifest.get("facts", {}),
+        **extra,
     }
 
 
-def settings_for_device(settings: DetectSettings, device: str | None) -> DetectSettings:
-    """The settings a worker runs with: the same numbers, maybe its own device."""
-    return settings if device is None else replace(settings, device=device)
+def _total(stats: Any, key: str) -> int | float:
+    total = sum(s.get(key) or 0 for s in stats)
+    return round(total, 3) if isinstance(total, float) else total
+
+
+def job_for_device(job: ShardJob, device: str | None) -> ShardJob:
+    """The job a worker runs: the same numbers, maybe on its own device."""
+    return job if device is None else job.on_device(device)
