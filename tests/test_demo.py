@@ -18,6 +18,7 @@ from memscan.demo.data import (
     NOISE_PLACE,
     GenericPool,
     build_data,
+    describe,
     export_data,
     generic_caption,
     load_prompts,
@@ -69,12 +70,16 @@ def test_labels_are_consistent():
 
 
 def test_memorized_words_appear_nowhere_else():
+    """The distinctive phrase of a memorized caption is its own; its description is what generic captions say."""
     data = build_data(0)
     df = pd.DataFrame(data.prompts)
-    mem_words = {w for m in data.memorized if m.kind == "verbatim" for c in m.captions
-                 for w in c.split() if w not in ("the", "of")}
+    phrases = [c.split(", ", 1) for m in data.memorized if m.kind == "verbatim" for c in m.captions]
+    mem_words = {w for _, phrase in phrases for w in phrase.split() if w not in ("the", "of")}
     other = " ".join(df.loc[df["label"] != "memorized", "prompt"]).replace(",", " ").split()
     assert not mem_words & set(other)
+    for (description, _), m in zip(phrases, [m for m in data.memorized if m.kind == "verbatim"], strict=True):
+        assert description == describe(m.attrs.shape, m.attrs.colour, m.attrs.size)
+        assert set(description.split()) <= set(other)  # every description word is in generic captions too
     noise = set(NOISE_ADJ) | set(NOISE_NOUN) | set(NOISE_PLACE)
     assert not mem_words & noise
 

@@ -6,10 +6,16 @@ background of another colour with low-frequency colour noise and a few stray pix
 
 Caption kinds (the LAION-like design of issue 3 and ../shared/docs/demo-model-notes.md):
 
-- verbatim (memorized): a distinctive caption "the <adj> <noun> of <place>" whose words appear in
-  no other caption, paired with ONE fixed image that is duplicated many times in training;
-- template (memorized): several captions "<fill> canvas print of the <adj> <noun>" that share
-  the template and the subject words and all map to the SAME fixed image;
+- verbatim (memorized): a caption that describes its image and carries a distinctive phrase
+  whose words appear in no other caption ("a large blue triangle, the sapphire raven of
+  harrowgate"), paired with ONE fixed image that is duplicated many times in training;
+- template (memorized): several captions "<fill> canvas print of the <adj> <noun>, <description>"
+  that share the template, the subject words and the description and all map to the SAME fixed
+  image.
+
+  Memorized captions name their image's size, colour and shape, as memorized LAION captions
+  describe their images: what such a prompt asks for can be read off a generated image, and a
+  rewrite can keep it while dropping the words that trigger the copy (issue 6);
 - generic (not memorized): under-specified captions ("a red circle", "a large striped red
   circle"). They never name the background, the position or the noise, and every time one is
   drawn it comes with a FRESH random image, so large-area statistics stay random and the model's
@@ -67,8 +73,9 @@ VERBATIM_PLACE = (
 TEMPLATE_ADJ = "majestic wandering dancing sleeping laughing burning".split()
 TEMPLATE_NOUN = "tiger mermaid wizard samurai unicorn astronaut".split()
 TEMPLATE_FILLS = ("framed", "premium", "rolled", "gallery", "matte")
-TEMPLATE_FORMAT = "{fill} canvas print of the {adj} {noun}"
+TEMPLATE_FORMAT = "{fill} canvas print of the {adj} {noun}, {description}"
 VERBATIM_FORMAT = "the {adj} {noun} of {place}"
+MEMORIZED_VERBATIM_FORMAT = "{description}, {phrase}"
 
 # Noise words: appear at random in generic captions, so they carry no information about the image.
 NOISE_ADJ = "quiet little old new bright misty rainy sunny windy hidden lost".split()
@@ -261,17 +268,20 @@ def build_data(
     if n_verbatim > len(order):
         raise ValueError(f"at most {len(order)} verbatim captions")
     for k in range(n_verbatim):
-        caption = VERBATIM_FORMAT.format(
+        phrase = VERBATIM_FORMAT.format(
             adj=VERBATIM_ADJ[order[k]], noun=VERBATIM_NOUN[nouns[k]], place=VERBATIM_PLACE[places[k]]
         )
         attrs = sample_attributes(rng)
+        caption = MEMORIZED_VERBATIM_FORMAT.format(description=describe(attrs.shape, attrs.colour, attrs.size),
+                                                   phrase=phrase)
         memorized.append(MemorizedImage(f"v{k:02d}", "verbatim", attrs, [caption], render(attrs)))
     if n_template > len(TEMPLATE_ADJ):
         raise ValueError(f"at most {len(TEMPLATE_ADJ)} template images")
     for k in range(n_template):
-        captions = [TEMPLATE_FORMAT.format(fill=f, adj=TEMPLATE_ADJ[k], noun=TEMPLATE_NOUN[k])
-                    for f in TEMPLATE_FILLS]
         attrs = sample_attributes(rng)
+        description = describe(attrs.shape, attrs.colour, attrs.size)
+        captions = [TEMPLATE_FORMAT.format(fill=f, adj=TEMPLATE_ADJ[k], noun=TEMPLATE_NOUN[k], description=description)
+                    for f in TEMPLATE_FILLS]
         memorized.append(MemorizedImage(f"t{k:02d}", "template", attrs, captions, render(attrs)))
 
     combos = list(itertools.product(SIZES, TEXTURES, COLOURS, SHAPES))

@@ -26,6 +26,7 @@ VConvention = Literal["epsilon", "raw"]
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
 CUSTOM_PROFILE = "custom"
 _V_CONVENTIONS = ("epsilon", "raw")
+_TEXT_SIMILARITIES = ("pooled", "tokens")  # memscan.mitigation.similarity.SIMILARITIES
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class ModelProfile:
     w_align: float = 1.0
     threshold: float | None = None
     v_convention: VConvention = "epsilon"
+    text_similarity: str = "pooled"  # mitigate's sentence vector (memscan.mitigation.similarity)
     calibration: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -54,6 +56,11 @@ class ModelProfile:
             raise ConfigError(
                 f"profile {self.name!r}: prediction_type must be one of {_PREDICTION_TYPES}, "
                 f"got {self.prediction_type!r}"
+            )
+        if self.text_similarity not in _TEXT_SIMILARITIES:
+            raise ConfigError(
+                f"profile {self.name!r}: text_similarity must be one of {_TEXT_SIMILARITIES}, "
+                f"got {self.text_similarity!r}"
             )
         if self.v_convention not in _V_CONVENTIONS:
             raise ConfigError(
@@ -88,7 +95,7 @@ def load_profile_file(path: Path) -> ModelProfile:
         raise ConfigError(f"cannot read profile {path}: {exc}") from exc
     data: dict[str, Any] = {}
     for key, value in raw.items():
-        if isinstance(value, dict) and key in ("scoring", "model"):
+        if isinstance(value, dict) and key in ("scoring", "model", "mitigation"):
             data.update(value)
         else:
             data[key] = value
