@@ -447,10 +447,12 @@ def mitigate_cmd(
     min_similarity: Annotated[float, typer.Option("--min-similarity", help="Least pooled text-embedding cosine of a rewrite to the original.")] = 0.8,
     beam_width: Annotated[int, typer.Option("--beam-width", help="Candidates kept per round (half by score, half by similarity).")] = 4,
     max_edits: Annotated[int, typer.Option("--max-edits", help="Most edits in one rewrite (search rounds).")] = 4,
+    similarity: Annotated[str | None, typer.Option(help="Sentence vector for --min-similarity: pooled (CLIP's EOS state) or tokens (mean of the token states) (default: the profile's).")] = None,
+    prefer: Annotated[str, typer.Option(help="Which rewrite of a round wins: score (the lowest, farthest from memorized) or similarity (the closest).")] = "score",
     verify_noise: Annotated[int, typer.Option("--verify-noise", help="Noises of an independent bank that must also score a rewrite under the target; 0 = off.")] = 4,
     all_rows: Annotated[bool, typer.Option("--all", help="From a detect output, take every row, not only the flagged ones.")] = False,
     emit_embeddings: Annotated[Path | None, typer.Option("--emit-embeddings", help="Also optimise each prompt's embedding; save them here (safetensors, by prompt_id).")] = None,
-    embedding_steps: Annotated[int, typer.Option("--embedding-steps", help="Most AdamW steps (lr 0.05) of the embedding optimisation.")] = 20,
+    embedding_steps: Annotated[int, typer.Option("--embedding-steps", help="Most AdamW steps (lr 0.05) of the embedding optimisation.")] = 50,
     n_noise: Annotated[int, typer.Option("--n-noise", help="Initial noises per prompt (n).")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the shared noise bank.")] = 51,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per UNet call.")] = 16,
@@ -482,7 +484,7 @@ def mitigate_cmd(
                                   architecture=architecture, allow_pickle=allow_pickle,
                                   prompt_column=prompt_column, id_column=id_column),
             target=target, min_similarity=min_similarity, beam_width=beam_width, max_edits=max_edits,
-            verify_noise=verify_noise,
+            verify_noise=verify_noise, similarity=similarity, prefer=prefer,
             all_rows=all_rows, emit_embeddings=emit_embeddings, embedding_steps=embedding_steps,
         )
         default = _default_output(input_path).name.removesuffix(".scores.parquet") + ".mitigated.parquet"

@@ -73,6 +73,12 @@ def test_summary_counts() -> None:
     assert out["similarity_of_ok"]["mean"] == pytest.approx(0.85)
     assert out["ok_attribute_agreement_ratio"] == 0.75
     assert out["not_memorized_unchanged"] == 0.5
+    assert "description_only_attribute_agreement" not in out
+    table["copy_description"], table["agree_description"] = [0.0, 1.0, 0.0, 0.0], [0.5, 0.5, 1.0, 1.0]
+    out = summarize_check(table, non, target=0.5)
+    assert out["description_only_no_longer_copying"] == 0.5  # of the two ok rows
+    assert out["description_only_attribute_agreement"] == 0.5
+    assert out["description_only_attribute_agreement_ratio"] == 0.5
 
 
 @pytest.mark.slow

@@ -43,8 +43,9 @@ def test_expand_edits_only_untouched_triggers_and_keeps_punctuation_and_case() -
     assert "framed canvas print of the Majesticx tiger," in texts
     assert "framed canvas print of the Majestic lion," in texts
     assert "framed canvas print of the Majestic tigerx," in texts
-    # per trigger: 1 delete + 2 substitutes + 2 inserts + 2 swaps (the last word has one neighbour)
-    assert len(out) == (1 + 2 + 2 + 2) + (1 + 2 + 2 + 1)
+    # per trigger: deletes of 1..3 words (as many as follow it) + 2 substitutes + 2 inserts + 2 swaps
+    assert len(out) == (2 + 2 + 2 + 2) + (1 + 2 + 2 + 1)
+    assert "framed canvas print of the" in texts  # "Majestic tiger," in one edit
     again = space.expand(out[0], [5, 6])  # out[0] deleted "Majestic": only "tiger," is left to edit
     assert all("Majestic" not in e for x in again for e in x.edits[1:])
     assert split_core("(tiger),") == ("(", "tiger", "),")
@@ -79,3 +80,27 @@ def test_neighbours_are_nearest_in_the_token_embedding_space(tiny_model: Scoring
         if len(w) >= 2 and w.isascii() and w.isalpha() and w not in "tiger" else -2.0,
     )
     assert TokenNeighbours(tiny_model).substitutes("tiger", 1) == [best]
+
+
+def test_span_deletions_take_only_untouched_original_words() -> None:
+    space = EditSpace(lambda word, k: [], insert_words=())
+    c = Candidate.original(WORDS)
+    spans = [x for x in space.expand(c, [1]) if x.edits[0].startswith("delete")]
+    assert [x.edits[0] for x in spans] == ['delete "canvas"', 'delete "canvas print"', 'delete "canvas print of"']
+    assert spans[2].text == "framed the Majestic tiger,"
+    inserted = c.insert(1, "photo", after=True)  # "framed canvas photo print ...": the span stops at "photo"
+    spans = [x.edits[-1] for x in space.expand(inserted, [1]) if x.edits[-1].startswith("delete")]
+    assert spans == ['delete "canvas"']
+    assert EditSpace(lambda word, k: [], insert_words=(), max_span=1).expand(c, [1])[0].edits == ('delete "canvas"',)
+
+
+def test_a_trigger_takes_its_whole_clause_and_no_comma_dangles() -> None:
+    space = EditSpace(lambda word, k: [], insert_words=(), max_span=1)
+    words = "framed canvas print of the tiger, a small orange square".split()
+    texts = {x.text for x in space.expand(Candidate.original(words), [1])}
+    assert "a small orange square" in texts  # the clause "framed ... tiger," in one edit
+    words = "a large yellow square, the sapphire raven of harrowgate".split()
+    out = {x.text: x.edits for x in space.expand(Candidate.original(words), [5])}
+    assert out["a large yellow square"] == ('delete "the sapphire raven of harrowgate"',)
+    assert Candidate.original(words).clause(2) == (0, 4) and Candidate.original(words).clause(4) == (4, 5)
+    assert Candidate.original(["one", "clause"]).clause(1) == (0, 2)

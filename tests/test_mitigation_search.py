@@ -11,12 +11,13 @@ import pytest
 
 from memscan.config import DetectSettings
 from memscan.detect import build_scorer, detect
+from memscan.errors import UsageError
 from memscan.mitigation import VERIFY_SEED_OFFSET, MitigateSettings, rewrite_prompts
 from memscan.mitigation.attribution import attribute
 from memscan.mitigation.differentiable import DifferentiableScore
 from memscan.mitigation.edits import EditSpace
 from memscan.mitigation.search import RewriteSearch, SearchSettings
-from memscan.mitigation.similarity import cosine_to, pooled_embeddings
+from memscan.mitigation.similarity import cosine_to, pooled_embeddings, sentence_embeddings
 from memscan.models.loading import ScoringModel
 
 PROMPTS = [
@@ -134,3 +135,31 @@ def test_no_verification_when_verify_noise_is_zero(tiny_model: ScoringModel, tar
     scorer = build_scorer(DetectSettings(), tiny_model)
     rows, _ = rewrite_prompts(scorer, _frame(), target, MitigateSettings(min_similarity=0.0, verify_noise=0, **SMALL))
     assert rows["score_verified"].isna().all() and (rows["status"] == "ok").any()
+
+
+def test_similarity_follows_the_chosen_sentence_vector(tiny_model: ScoringModel, target: float) -> None:
+    """--similarity tokens (or a profile's text_similarity) is the cosine the bar and the column use."""
+    scorer = build_scorer(DetectSettings(), tiny_model)
+    assert tiny_model.profile.text_similarity == "pooled"
+    rows, _ = rewrite_prompts(scorer, _frame(), target,
+                              MitigateSettings(min_similarity=0.0, similarity="tokens", verify_noise=0, **SMALL))
+    row = rows[rows["status"] == "ok"].iloc[0]
+    vectors = sentence_embeddings(tiny_model, [row["prompt"], row["rewritten"]], "tokens")
+    assert row["similarity"] == pytest.approx(cosine_to(vectors[0], vectors[1:])[0], abs=1e-6)
+    pooled = pooled_embeddings(tiny_model, [row["prompt"], row["rewritten"]])
+    assert abs(cosine_to(pooled[0], pooled[1:])[0] - row["similarity"]) > 1e-4
+
+
+def test_prefer_score_keeps_the_lowest_scored_winner_of_the_round(tiny_model: ScoringModel, target: float) -> None:
+    scorer = build_scorer(DetectSettings(), tiny_model)
+    common = {"min_similarity": 0.0, "verify_noise": 0, **SMALL}
+    closest, _ = rewrite_prompts(scorer, _frame(), target, MitigateSettings(prefer="similarity", **common))
+    lowest, _ = rewrite_prompts(scorer, _frame(), target, MitigateSettings(**common))  # the default
+    ok = (closest["status"] == "ok") & (lowest["status"] == "ok")
+    assert ok.sum() >= 1
+    assert (closest.loc[ok, "edits"].map(len) == lowest.loc[ok, "edits"].map(len)).all()  # the same round
+    assert (lowest.loc[ok, "score_after"] <= closest.loc[ok, "score_after"] + 1e-6).all()
+    assert (lowest.loc[ok, "similarity"] <= closest.loc[ok, "similarity"] + 1e-6).all()
+    assert (lowest.loc[ok, "rewritten"] != closest.loc[ok, "rewritten"]).any()
+    with pytest.raises(UsageError, match="--prefer"):
+        MitigateSettings(prefer="shortest")

@@ -119,6 +119,8 @@ def rewrite_prompts(
     search = RewriteSearch(scorer, edits, SearchSettings(
         target=target, min_similarity=settings.min_similarity, beam_width=settings.beam_width,
         max_edits=settings.max_edits, n_triggers=settings.n_triggers,
+        similarity=settings.similarity or scorer.model.profile.text_similarity,
+        prefer=settings.prefer,
     ), verifier=verifier_for(scorer, settings.verify_noise))
     out = pd.DataFrame({
         "prompt_id": frame["prompt_id"].astype(str).to_numpy(),

@@ -14,7 +14,10 @@ from the original prompt, from its rewrite and, when given, from its optimised e
   training image's size, colour and shape. The agreement of a rewrite's images is reported
   against that of the original prompt's images;
 - the text similarity of the rewrites (from the `mitigate` output) and whether the prompts that
-  are not memorized came back unchanged.
+  are not memorized came back unchanged;
+- a yardstick: the same numbers for the caption's description alone ("a large yellow square"),
+  the rewrite a person who saw the image would write. Its attribute agreement is what this
+  model's generations of a non-copying prompt reach at best.
 
 Run it with `python -m memscan.mitigation.check MITIGATED.parquet --model demo`.
 """
@@ -88,7 +91,7 @@ def check_mitigation(
     prompts: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Per memorized prompt: copying and attribute agreement before and after; and the summary."""
-    from memscan.demo.data import build_data
+    from memscan.demo.data import build_data, describe
     from memscan.demo.verify import copy_cutoffs, copy_table, generate, reference_images, vae_roundtrip
     from memscan.mitigation.embeddings import load_embeddings
     from memscan.models.loading import load_model
@@ -121,6 +124,9 @@ def check_mitigation(
     table = mem[["prompt_id", "prompt", "rewritten", "status", "score_before", "score_after", "similarity"]].copy()
     table["copy_before"], table["agree_before"] = measure(from_text(mem["prompt"]), mem, wanted)
     table["copy_after"], table["agree_after"] = measure(from_text(mem["rewritten"]), mem, wanted)
+    # the yardstick: the best a rewrite can do here is the caption's description alone
+    table["description"] = [describe(a["shape"], a["colour"], a["size"]) for a in wanted]
+    table["copy_description"], table["agree_description"] = measure(from_text(table["description"]), mem, wanted)
     if embeddings is not None:
         saved = load_embeddings(Path(embeddings))
         has = mem["prompt_id"].isin(list(saved)).to_numpy()
@@ -173,6 +179,13 @@ def summarize_check(table: pd.DataFrame, non: pd.DataFrame, target: float) -> di
     }
     before, after = out["ok_attribute_agreement_before"], out["ok_attribute_agreement_after"]
     out["ok_attribute_agreement_ratio"] = round(after / before, 4) if before and after is not None else None
+    if "agree_description" in table:
+        described = share(ok["agree_description"])
+        out["description_only_no_longer_copying"] = share(ok["copy_description"] <= 0.5)
+        out["description_only_attribute_agreement"] = described
+        out["description_only_attribute_agreement_ratio"] = (
+            round(described / before, 4) if before and described is not None else None
+        )
     if "embedding_copy" in table:
         emb = attempted[attempted["embedding_score"].notna()]
         out["embedding_under_target_of_flagged"] = share(emb["embedding_score"] < target)

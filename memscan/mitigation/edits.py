@@ -1,5 +1,10 @@
 """Candidate text edits of a prompt around its trigger words: delete, substitute, insert, reorder.
 
+Deletions also take a trigger together with the one or two original words after it, or the whole
+comma-delimited clause that holds it: memorized triggers are often names and titles of several
+words ("the majestic tiger", "framed canvas print of ..."), which a search of a few rounds cannot
+take apart one word at a time.
+
 A candidate is a sequence of word slots that remember which original word they hold, so later
 rounds of the search keep editing the original triggers and never re-edit a word they changed.
 Each edit is recorded as a short human-readable string (the `edits` column of the output).
@@ -13,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 NEUTRAL_WORDS = ("photo", "picture", "image", "artwork")
 
+_CLAUSE_END = (",", ";")
 _CORE = re.compile(r"^(\W*)(.*?)(\W*)$", re.DOTALL)
 
 
@@ -50,10 +56,25 @@ class Candidate:
     def _with(self, slots: list[Slot], edit: str) -> Candidate:
         return Candidate(tuple(slots), (*self.edits, edit))
 
-    def delete(self, pos: int) -> Candidate:
+    def delete(self, pos: int, count: int = 1) -> Candidate:
+        """Drop `count` adjacent words from `pos` (a multi-word trigger goes in one edit); a comma
+        left dangling at the end goes too."""
         slots = list(self.slots)
-        gone = slots.pop(pos)
-        return self._with(slots, f'delete "{gone.text}"')
+        gone = " ".join(slot.text for slot in slots[pos : pos + count])
+        del slots[pos : pos + count]
+        if pos == len(slots) and slots and slots[-1].text.endswith(_CLAUSE_END):
+            slots[-1] = replace(slots[-1], text=slots[-1].text.rstrip("".join(_CLAUSE_END)))
+        return self._with(slots, f'delete "{gone}"')
+
+    def clause(self, pos: int) -> tuple[int, int]:
+        """(start, count) of the comma- or semicolon-delimited clause holding slot `pos`."""
+        start = pos
+        while start > 0 and not self.slots[start - 1].text.endswith(_CLAUSE_END):
+            start -= 1
+        stop = pos
+        while stop < len(self.slots) - 1 and not self.slots[stop].text.endswith(_CLAUSE_END):
+            stop += 1
+        return start, stop - start + 1
 
     def substitute(self, pos: int, text: str) -> Candidate:
         slots = list(self.slots)
@@ -87,6 +108,7 @@ class EditSpace:
     substitutes_for: Callable[[str, int], list[str]]
     n_substitutes: int = 8
     insert_words: tuple[str, ...] = NEUTRAL_WORDS
+    max_span: int = 3  # most adjacent original words one deletion removes
     _cache: dict[str, list[str]] = field(default_factory=dict, repr=False)
 
     def substitutes(self, word: str) -> list[str]:
@@ -107,8 +129,13 @@ class EditSpace:
             if pos is None:
                 continue
             word = candidate.slots[pos].text
-            if len(candidate.slots) > 1:
-                out.append(candidate.delete(pos))
+            spans = [(pos, count) for count in range(1, self.max_span + 1)]  # the word and the words after it
+            spans.append(candidate.clause(pos))  # the clause that holds it
+            for start, count in dict.fromkeys(spans):
+                span = candidate.slots[start : start + count]
+                untouched = all(not slot.edited and slot.origin is not None for slot in span)
+                if untouched and len(span) == count < len(candidate.slots):
+                    out.append(candidate.delete(start, count))
             out += [candidate.substitute(pos, sub) for sub in self.substitutes(word)]
             for neutral in self.insert_words:
                 out.append(candidate.insert(pos, neutral, after=False))

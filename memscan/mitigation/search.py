@@ -3,14 +3,18 @@
 Round after round, every candidate in the beam is expanded with single edits at the trigger
 words; all new candidates are scored in batches by the same shared-noise `Scorer` that `detect`
 uses (so a rewrite's score is exactly what `memscan detect` would give it) and compared to the
-original by pooled-embedding cosine. The search stops at the first round that yields a candidate
-under the target with similarity at or above `min_similarity` (the most similar one wins); else
-the beam keeps the best candidates by score and the best by similarity, half each.
+original by the cosine of text-encoder sentence vectors (`similarity`). The search stops at the
+first round that yields a candidate under the target with similarity at or above
+`min_similarity`; else the beam keeps the best candidates by score and the best by similarity,
+half each. Of a round's winners the lowest-scored one is kept (`prefer="score"`): a rewrite just
+under the threshold still looks like the most memorized clean prompt, and on the demo the
+lowest winner stops the copying in 94% of prompts against 90% for the most similar one, at a
+mean similarity of 0.85 against 0.89.
 
 A score on one noise bank is a noisy estimate, and a search that sees only that bank learns its
 noise: many rewrites just under the target are not under it for other noise. With a `verifier`
 (the same scorer on an independent noise bank, usually with more samples) a winner counts only
-when the verifier also scores it under the target; winners are verified most similar first.
+when the verifier also scores it under the target; winners are verified in order of preference.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 
 from memscan.mitigation.attribution import TokenAttribution
 from memscan.mitigation.edits import Candidate, EditSpace
-from memscan.mitigation.similarity import cosine_to, pooled_embeddings
+from memscan.mitigation.similarity import cosine_to, sentence_embeddings
 from memscan.scorer import Scorer
 
 
@@ -35,6 +39,8 @@ class SearchSettings:
     beam_width: int = 4
     max_edits: int = 4
     n_triggers: int = 7
+    similarity: str = "pooled"  # sentence vector of memscan.mitigation.similarity
+    prefer: str = "score"  # among a round's winners: the lowest score, or the most similar
     verify_top: int = 8  # winners of a round checked by the verifier, most similar first
 
 
@@ -66,7 +72,7 @@ class RewriteSearch:
         """Search rewrites of `prompt` (scored `score`) around its most attributed words."""
         s = self.settings
         model = self.scorer.model
-        reference = pooled_embeddings(model, [prompt])[0]
+        reference = sentence_embeddings(model, [prompt], s.similarity)[0]
         triggers = attribution.top_words(s.n_triggers)
         beam = [Candidate.original(attribution.words)]
         seen = {beam[0].text}
@@ -78,10 +84,11 @@ class RewriteSearch:
                 break
             texts = [c.text for c in fresh]
             scores = self.scorer.score_texts(texts).columns["score"].astype(np.float64)
-            sims = cosine_to(reference, pooled_embeddings(model, texts))
+            sims = cosine_to(reference, sentence_embeddings(model, texts, s.similarity))
             scored += len(fresh)
             close = np.isfinite(scores) & (sims >= s.min_similarity)
-            winners = sorted(np.flatnonzero(close & (scores < s.target)), key=lambda i: (-sims[i], scores[i], i))
+            winners = np.flatnonzero(close & (scores < s.target)).tolist()
+            winners.sort(key=lambda i: _preference(s.prefer, scores, sims, i))
             if winners:
                 win, verified = self._verified_winner(fresh, winners)
                 if win is not None:
@@ -109,6 +116,11 @@ class RewriteSearch:
             if value < self.settings.target:
                 return i, float(value)
         return None, None
+
+
+def _preference(prefer: str, scores: np.ndarray, sims: np.ndarray, i: int) -> tuple[float, float, int]:
+    """Sort key of a round's winners: most similar first, or lowest score (farthest from memorized) first."""
+    return (scores[i], -sims[i], i) if prefer == "score" else (-sims[i], scores[i], i)
 
 
 def _first(text: str, seen: set[str]) -> bool:

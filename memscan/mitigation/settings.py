@@ -8,6 +8,9 @@ from pathlib import Path
 from memscan.config import DetectSettings
 from memscan.errors import UsageError
 from memscan.mitigation.edits import NEUTRAL_WORDS
+from memscan.mitigation.similarity import SIMILARITIES
+
+PREFER = ("score", "similarity")
 
 
 @dataclass(frozen=True)
@@ -17,6 +20,8 @@ class MitigateSettings:
     detect: DetectSettings = field(default_factory=DetectSettings)
     target: float | None = None  # None: the profile's calibrated threshold
     min_similarity: float = 0.8
+    similarity: str | None = None  # pooled | tokens; None: the profile's text_similarity
+    prefer: str = "score"  # which winner of a round is kept: score (lowest) or similarity (closest)
     beam_width: int = 4
     max_edits: int = 4
     n_triggers: int = 7  # words (by attribution) the edits may touch
@@ -26,10 +31,14 @@ class MitigateSettings:
     insert_words: tuple[str, ...] = NEUTRAL_WORDS
     all_rows: bool = False
     emit_embeddings: Path | None = None
-    embedding_steps: int = 20
+    embedding_steps: int = 50
     embedding_lr: float = 0.05
 
     def __post_init__(self) -> None:
+        if self.similarity is not None and self.similarity not in SIMILARITIES:
+            raise UsageError(f"--similarity must be one of {', '.join(SIMILARITIES)}, got {self.similarity!r}")
+        if self.prefer not in PREFER:
+            raise UsageError(f"--prefer must be one of {', '.join(PREFER)}, got {self.prefer!r}")
         if not -1.0 <= self.min_similarity <= 1.0:
             raise UsageError(f"--min-similarity must be in [-1, 1], got {self.min_similarity}")
         for name in ("beam_width", "max_edits", "n_triggers", "report_triggers"):

@@ -1,7 +1,15 @@
-"""Meaning kept by a rewrite: cosine of the text encoder's pooled embeddings (the EOS state).
+"""Meaning kept by a rewrite: cosine of sentence vectors from the model's own text encoder.
 
-The pooled embedding is CLIP's sentence vector; SD's own text encoder gives it for free, so no
-extra model is needed to judge how close a rewrite stays to the original prompt.
+Two sentence vectors, both free with SD's text encoder (no extra model):
+
+- `pooled`: the EOS state, CLIP's contrastively trained sentence vector (SD v1.x / 2.x);
+- `tokens`: the mean of the output states over the prompt's tokens (BOS excluded, EOS kept),
+  i.e. the conditioning the UNet attends to, every word weighted alike. For a text encoder
+  trained only through the diffusion loss (the demo's), the EOS state is no sentence vector:
+  there, replacing "yellow" by "blue" keeps a pooled cosine of 0.93 while dropping the
+  memorized phrase gives 0.63; the token mean reads 0.50 and 0.87-0.94.
+
+A profile names the one that suits its text encoder (`text_similarity`); `pooled` by default.
 """
 
 from __future__ import annotations
@@ -12,21 +20,41 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from memscan.errors import UsageError
 from memscan.models.loading import ScoringModel
 from memscan.models.text import tokenize
 
+SIMILARITIES = ("pooled", "tokens")
+
 
 @torch.inference_mode()
-def pooled_embeddings(model: ScoringModel, texts: Sequence[str], *, batch_size: int = 256) -> torch.Tensor:
-    """(len(texts), hidden) float32 pooled text-encoder outputs, L2-normalised."""
+def sentence_embeddings(
+    model: ScoringModel, texts: Sequence[str], kind: str = "pooled", *, batch_size: int = 256
+) -> torch.Tensor:
+    """(len(texts), hidden) float32 sentence vectors of `kind` (see the module), L2-normalised."""
+    if kind not in SIMILARITIES:
+        raise UsageError(f"--similarity must be one of {', '.join(SIMILARITIES)}, got {kind!r}")
     encoder = model.text_encoder
     parts = []
     for start in range(0, len(texts), batch_size):
         tokens = tokenize(model, texts[start : start + batch_size])
-        mask = tokens.attention_mask.to(model.device) if getattr(encoder.config, "use_attention_mask", False) else None
-        pooled = encoder(tokens.input_ids.to(model.device), attention_mask=mask).pooler_output
-        parts.append(F.normalize(pooled.float(), dim=-1).cpu())
+        mask = tokens.attention_mask.to(model.device)
+        out = encoder(tokens.input_ids.to(model.device),
+                      attention_mask=mask if getattr(encoder.config, "use_attention_mask", False) else None)
+        if kind == "pooled":
+            vectors = out.pooler_output.float()
+        else:
+            keep = mask.clone().float()
+            keep[:, 0] = 0.0  # BOS: the same state for every prompt
+            states = out.last_hidden_state.float()
+            vectors = (states * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1.0)
+        parts.append(F.normalize(vectors, dim=-1).cpu())
     return torch.cat(parts) if parts else torch.zeros(0, 0)
+
+
+def pooled_embeddings(model: ScoringModel, texts: Sequence[str], *, batch_size: int = 256) -> torch.Tensor:
+    """(len(texts), hidden) float32 pooled text-encoder outputs, L2-normalised."""
+    return sentence_embeddings(model, texts, "pooled", batch_size=batch_size)
 
 
 def cosine_to(reference: torch.Tensor, others: torch.Tensor) -> np.ndarray:
