@@ -104,6 +104,7 @@ def test_run_directory_gives_the_single_file_rows(
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["kind"] == "mitigate" and manifest["facts"] == {"target": target}
     assert manifest["settings"]["target"] == target and manifest["settings"]["max_edits"] == 1
+    assert manifest["settings"]["similarity"] == "pooled"  # resolved from the profile, fingerprinted with the run
     assert json.loads(pq.read_schema(tmp_path / "merged.parquet").metadata[b"memscan"])["target"] == target
 
 

@@ -159,7 +159,9 @@ def run_mitigate(
     log_interval: float = 60.0,
     interactive: bool | None = None,
 ) -> RunOutcome:
-    """Plan or resume the mitigate run in `out_dir`, rewrite its pending shards, write summary.json."""
+    """Plan or resume the mitigate run in `out_dir`, rewrite its pending shards, write summary.json.
+
+    The target and the text similarity are resolved here, once, and fingerprinted with the run."""
     options = options or RunOptions()
     if settings.emit_embeddings is not None:
         raise UsageError("--emit-embeddings writes one safetensors file: give -o a .parquet file, not a run directory")
@@ -168,6 +170,9 @@ def run_mitigate(
     for path in expand_inputs(input_spec):
         if is_detect_output(path):
             check_detect_output(path, all_rows=settings.all_rows)
-    job = MitigateJob(replace(settings, target=resolve_target(settings)))
+    from memscan.models.loading import resolve_profile
+
+    similarity = settings.similarity or resolve_profile(settings.detect.model).text_similarity
+    job = MitigateJob(replace(settings, target=resolve_target(settings), similarity=similarity))
     return run_job(input_spec, out_dir, job, options, executor=executor, workers=workers, gpus=gpus,
                    log_interval=log_interval, interactive=interactive)
