@@ -444,7 +444,7 @@ def mitigate_cmd(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="A .parquet file, or a run directory (sharded, resumable) (default: INPUT-NAME.mitigated.parquet).")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, .safetensors file, or hub id.")] = "demo",
     target: Annotated[float | None, typer.Option(help="Rewrite until the score is below this (default: the profile's threshold).")] = None,
-    min_similarity: Annotated[float, typer.Option("--min-similarity", help="Least pooled text-embedding cosine of a rewrite to the original.")] = 0.8,
+    min_similarity: Annotated[float, typer.Option("--min-similarity", help="Least text similarity (see --similarity) of a rewrite to the original.")] = 0.8,
     beam_width: Annotated[int, typer.Option("--beam-width", help="Candidates kept per round (half by score, half by similarity).")] = 4,
     max_edits: Annotated[int, typer.Option("--max-edits", help="Most edits in one rewrite (search rounds).")] = 4,
     similarity: Annotated[str | None, typer.Option(help="Sentence vector for --min-similarity: pooled (CLIP's EOS state) or tokens (mean of the token states) (default: the profile's).")] = None,
