@@ -36,6 +36,7 @@ from memscan.run.job import fingerprint_fields
 from memscan.run.plan import InputFile, Shard, expand_inputs, open_input
 
 if TYPE_CHECKING:
+    from memscan.models.profiles import ModelProfile
     from memscan.scorer import Scorer
 
 # per-shard counts beyond detect's (rows, ok = scored, skipped_empty, failed_rows, flagged = above target)
@@ -50,17 +51,23 @@ def search_fields(settings: MitigateSettings) -> dict[str, Any]:
     return json.loads(json.dumps(fields, default=str))
 
 
-def resolve_target(settings: MitigateSettings) -> float:
+def _profile(settings: MitigateSettings) -> ModelProfile:
+    """The profile `--model` names, with the weights' overrides, read without loading the model."""
+    from memscan.models.loading import resolve_profile
+
+    return resolve_profile(settings.detect.model).with_overrides(**settings.detect.profile_overrides())
+
+
+def resolve_target(settings: MitigateSettings, profile: ModelProfile | None = None) -> float:
     """--target, else the profile's threshold where it holds for these settings (as `mitigate` takes it).
 
     Read from the profile without loading the model: a loaded model keeps its profile's threshold."""
     if settings.target is not None:
         return float(settings.target)
     from memscan.detect import applicable_threshold
-    from memscan.models.loading import resolve_profile
 
     detect = settings.detect
-    profile = resolve_profile(detect.model).with_overrides(**detect.profile_overrides())
+    profile = profile or _profile(settings)
     target = applicable_threshold(detect, profile, detect.method)
     if target is None:
         raise UsageError(
@@ -170,9 +177,8 @@ def run_mitigate(
     for path in expand_inputs(input_spec):
         if is_detect_output(path):
             check_detect_output(path, all_rows=settings.all_rows)
-    from memscan.models.loading import resolve_profile
-
-    similarity = settings.similarity or resolve_profile(settings.detect.model).text_similarity
-    job = MitigateJob(replace(settings, target=resolve_target(settings), similarity=similarity))
+    profile = _profile(settings)
+    similarity = settings.similarity or profile.text_similarity
+    job = MitigateJob(replace(settings, target=resolve_target(settings, profile), similarity=similarity))
     return run_job(input_spec, out_dir, job, options, executor=executor, workers=workers, gpus=gpus,
                    log_interval=log_interval, interactive=interactive)

@@ -41,7 +41,7 @@ class SearchSettings:
     n_triggers: int = 7
     similarity: str = "pooled"  # sentence vector of memscan.mitigation.similarity
     prefer: str = "score"  # among a round's winners: the lowest score, or the most similar
-    verify_top: int = 8  # winners of a round checked by the verifier, most similar first
+    verify_top: int = 8  # winners of a round checked by the verifier, in order of preference
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 from memscan.config import DetectSettings
 from memscan.errors import UsageError
 from memscan.mitigation.edits import NEUTRAL_WORDS
-from memscan.mitigation.similarity import SIMILARITIES
+from memscan.mitigation.similarity import check_similarity
 
 PREFER = ("score", "similarity")
 
@@ -35,8 +35,8 @@ class MitigateSettings:
     embedding_lr: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.similarity is not None and self.similarity not in SIMILARITIES:
-            raise UsageError(f"--similarity must be one of {', '.join(SIMILARITIES)}, got {self.similarity!r}")
+        if self.similarity is not None:
+            check_similarity(self.similarity)
         if self.prefer not in PREFER:
             raise UsageError(f"--prefer must be one of {', '.join(PREFER)}, got {self.prefer!r}")
         if not -1.0 <= self.min_similarity <= 1.0:

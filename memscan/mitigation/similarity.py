@@ -22,9 +22,8 @@ import torch.nn.functional as F
 
 from memscan.errors import UsageError
 from memscan.models.loading import ScoringModel
-from memscan.models.text import tokenize
-
-SIMILARITIES = ("pooled", "tokens")
+from memscan.models.profiles import TEXT_SIMILARITIES as SIMILARITIES
+from memscan.models.text import run_text_encoder, tokenize
 
 
 @torch.inference_mode()
@@ -32,24 +31,26 @@ def sentence_embeddings(
     model: ScoringModel, texts: Sequence[str], kind: str = "pooled", *, batch_size: int = 256
 ) -> torch.Tensor:
     """(len(texts), hidden) float32 sentence vectors of `kind` (see the module), L2-normalised."""
-    if kind not in SIMILARITIES:
-        raise UsageError(f"--similarity must be one of {', '.join(SIMILARITIES)}, got {kind!r}")
-    encoder = model.text_encoder
+    check_similarity(kind)
     parts = []
     for start in range(0, len(texts), batch_size):
         tokens = tokenize(model, texts[start : start + batch_size])
-        mask = tokens.attention_mask.to(model.device)
-        out = encoder(tokens.input_ids.to(model.device),
-                      attention_mask=mask if getattr(encoder.config, "use_attention_mask", False) else None)
+        out = run_text_encoder(model, tokens)
         if kind == "pooled":
             vectors = out.pooler_output.float()
         else:
-            keep = mask.clone().float()
+            keep = tokens.attention_mask.to(model.device).float()
             keep[:, 0] = 0.0  # BOS: the same state for every prompt
             states = out.last_hidden_state.float()
             vectors = (states * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1.0)
         parts.append(F.normalize(vectors, dim=-1).cpu())
     return torch.cat(parts) if parts else torch.zeros(0, 0)
+
+
+def check_similarity(kind: str) -> None:
+    """A one-line UsageError unless `kind` names a sentence vector this module makes."""
+    if kind not in SIMILARITIES:
+        raise UsageError(f"--similarity must be one of {', '.join(SIMILARITIES)}, got {kind!r}")
 
 
 def pooled_embeddings(model: ScoringModel, texts: Sequence[str], *, batch_size: int = 256) -> torch.Tensor:

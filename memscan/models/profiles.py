@@ -26,7 +26,7 @@ VConvention = Literal["epsilon", "raw"]
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
 CUSTOM_PROFILE = "custom"
 _V_CONVENTIONS = ("epsilon", "raw")
-_TEXT_SIMILARITIES = ("pooled", "tokens")  # memscan.mitigation.similarity.SIMILARITIES
+TEXT_SIMILARITIES = ("pooled", "tokens")  # sentence vectors of memscan.mitigation.similarity
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,9 @@ class ModelProfile:
                 f"profile {self.name!r}: prediction_type must be one of {_PREDICTION_TYPES}, "
                 f"got {self.prediction_type!r}"
             )
-        if self.text_similarity not in _TEXT_SIMILARITIES:
+        if self.text_similarity not in TEXT_SIMILARITIES:
             raise ConfigError(
-                f"profile {self.name!r}: text_similarity must be one of {_TEXT_SIMILARITIES}, "
+                f"profile {self.name!r}: text_similarity must be one of {TEXT_SIMILARITIES}, "
                 f"got {self.text_similarity!r}"
             )
         if self.v_convention not in _V_CONVENTIONS:

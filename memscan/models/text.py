@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -35,13 +36,18 @@ def tokenize(model: ScoringModel, prompts: Sequence[str]) -> TokenizedPrompts:
     )
 
 
-def encode_ids(model: ScoringModel, tokens: TokenizedPrompts) -> torch.Tensor:
-    """Last hidden state of the text encoder (the conditioning SD's UNet sees)."""
+def run_text_encoder(model: ScoringModel, tokens: TokenizedPrompts) -> Any:
+    """The text encoder's full output (last hidden state, pooled EOS state), masked as the pipeline masks."""
     encoder = model.text_encoder
     mask = None
     if getattr(encoder.config, "use_attention_mask", False):
         mask = tokens.attention_mask.to(model.device)
-    return encoder(tokens.input_ids.to(model.device), attention_mask=mask)[0].to(model.dtype)
+    return encoder(tokens.input_ids.to(model.device), attention_mask=mask)
+
+
+def encode_ids(model: ScoringModel, tokens: TokenizedPrompts) -> torch.Tensor:
+    """Last hidden state of the text encoder (the conditioning SD's UNet sees)."""
+    return run_text_encoder(model, tokens)[0].to(model.dtype)
 
 
 def encode_prompts(model: ScoringModel, prompts: Sequence[str]) -> torch.Tensor:
