@@ -177,7 +177,7 @@ def detect(
             id_column=id_column, store_prompt=store_prompt,
         )
         output = output or _default_output(input_path)
-        if output.suffix.lower() != ".parquet":
+        if _is_run_directory(output):
             from memscan.run import RunOptions, run_detect
 
             options = RunOptions(shard_size=shard_size, if_exists=if_exists or "resume", retry_errors=retry_errors)
@@ -190,6 +190,11 @@ def detect(
         if gpus or workers or executor != "local" or retry_errors:
             raise UsageError("--gpus, --workers, --executor and --retry-errors need a run directory (-o DIR)")
         _detect_file(input_path, output, settings, if_exists or "fail", top, json_summary, fail_on_flagged)
+
+
+def _is_run_directory(output: Path) -> bool:
+    """An output that is not a .parquet file names a run directory (sharded, resumable)."""
+    return output.suffix.lower() != ".parquet"
 
 
 def _detect_file(input_path: Path, output: Path, settings: Any, if_exists: str, top: int, json_summary: bool,
@@ -489,7 +494,7 @@ def mitigate_cmd(
         )
         default = _default_output(input_path).name.removesuffix(".scores.parquet") + ".mitigated.parquet"
         output = output or Path(default)
-        if output.suffix.lower() != ".parquet":
+        if _is_run_directory(output):
             from memscan.mitigation.run import run_mitigate
             from memscan.run import RunOptions
 
