@@ -45,7 +45,7 @@ def test_expand_edits_only_untouched_triggers_and_keeps_punctuation_and_case() -
     assert "framed canvas print of the Majestic tigerx," in texts
     # per trigger: deletes of 1..3 words (as many as follow it) + 2 substitutes + 2 inserts + 2 swaps
     assert len(out) == (2 + 2 + 2 + 2) + (1 + 2 + 2 + 1)
-    assert "framed canvas print of the" in texts  # "Majestic tiger," in one edit
+    assert "framed canvas print" in texts  # "Majestic tiger," in one edit, and the "of the" it left
     again = space.expand(out[0], [5, 6])  # out[0] deleted "Majestic": only "tiger," is left to edit
     assert all("Majestic" not in e for x in again for e in x.edits[1:])
     assert split_core("(tiger),") == ("(", "tiger", "),")
@@ -104,3 +104,19 @@ def test_a_trigger_takes_its_whole_clause_and_no_comma_dangles() -> None:
     assert out["a large yellow square"] == ('delete "the sapphire raven of harrowgate"',)
     assert Candidate.original(words).clause(2) == (0, 4) and Candidate.original(words).clause(4) == (4, 5)
     assert Candidate.original(["one", "clause"]).clause(1) == (0, 2)
+
+
+def test_a_deletion_takes_the_function_words_it_leaves_dangling() -> None:
+    def delete(text: str, pos: int, count: int) -> tuple[str, tuple[str, ...]]:
+        c = Candidate.original(text.split()).delete(pos, count)
+        return c.text, c.edits
+
+    verbatim = "a small red cross, the crimson compass of silverdale"
+    assert delete(verbatim, 5, 4) == ("a small red cross", ('delete "crimson compass of silverdale" and "the"',))
+    assert delete(verbatim, 5, 2) == ("a small red cross, of silverdale", ('delete "crimson compass" and "the"',))
+    assert delete(verbatim, 6, 1)[0] == "a small red cross, the crimson of silverdale"  # nothing dangles
+    template = "framed canvas print of the majestic tiger, a large pink square"
+    assert delete(template, 5, 2) == ("framed canvas print, a large pink square", ('delete "majestic tiger," and "of the"',))
+    assert delete("a large yellow square, the sapphire raven", 3, 1)[0] == "a large yellow, the sapphire raven"  # comma kept
+    assert delete("a photo of a large square", 4, 1)[0] == "a photo of a square"  # "of a" was there before
+    assert delete("the tiger", 1, 1)[0] == "the"  # never deleted to nothing

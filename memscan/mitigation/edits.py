@@ -5,6 +5,9 @@ comma-delimited clause that holds it: memorized triggers are often names and tit
 words ("the majestic tiger", "framed canvas print of ..."), which a search of a few rounds cannot
 take apart one word at a time.
 
+A deletion also takes the function words it leaves dangling ("a small red cross, the" loses
+"the"; "the of ashford" loses "the"): a rewrite is text a user publishes, not a token string.
+
 A candidate is a sequence of word slots that remember which original word they hold, so later
 rounds of the search keep editing the original triggers and never re-edit a word they changed.
 Each edit is recorded as a short human-readable string (the `edits` column of the output).
@@ -19,6 +22,9 @@ from dataclasses import dataclass, field, replace
 NEUTRAL_WORDS = ("photo", "picture", "image", "artwork")
 
 _CLAUSE_END = (",", ";")
+# Articles and prepositions: what a deletion can leave dangling ("a small red cross, the").
+FUNCTION_WORDS = frozenset("a an the of in on at with and by for to from".split())
+ARTICLES = frozenset(("a", "an", "the"))
 _CORE = re.compile(r"^(\W*)(.*?)(\W*)$", re.DOTALL)
 
 
@@ -57,14 +63,24 @@ class Candidate:
         return Candidate(tuple(slots), (*self.edits, edit))
 
     def delete(self, pos: int, count: int = 1) -> Candidate:
-        """Drop `count` adjacent words from `pos` (a multi-word trigger goes in one edit); a comma
-        left dangling at the end goes too."""
+        """Drop `count` adjacent words from `pos` (a multi-word trigger goes in one edit) and the
+        function words that leaves dangling; the clause's comma stays where a clause goes on."""
         slots = list(self.slots)
-        gone = " ".join(slot.text for slot in slots[pos : pos + count])
+        removed = slots[pos : pos + count]
+        edit = f'delete "{" ".join(slot.text for slot in removed)}"'
         del slots[pos : pos + count]
+        comma = removed[-1].text[-1] if removed[-1].text.endswith(_CLAUSE_END) else ""
+        dangling = _dangling(slots, pos, clause_ends=comma != "" or pos == len(slots))
+        if len(dangling) < len(slots):
+            if dangling:
+                edit += f' and "{" ".join(slots[i].text for i in dangling)}"'
+            pos -= sum(i < pos for i in dangling)
+            slots = [slot for i, slot in enumerate(slots) if i not in dangling]
+        if comma and 0 < pos < len(slots) and not slots[pos - 1].text.endswith(_CLAUSE_END):
+            slots[pos - 1] = replace(slots[pos - 1], text=slots[pos - 1].text + comma)
         if pos == len(slots) and slots and slots[-1].text.endswith(_CLAUSE_END):
             slots[-1] = replace(slots[-1], text=slots[-1].text.rstrip("".join(_CLAUSE_END)))
-        return self._with(slots, f'delete "{gone}"')
+        return self._with(slots, edit)
 
     def clause(self, pos: int) -> tuple[int, int]:
         """(start, count) of the comma- or semicolon-delimited clause holding slot `pos`."""
@@ -92,6 +108,40 @@ class Candidate:
         slots = list(self.slots)
         slots[pos], slots[other] = slots[other], slots[pos]
         return self._with(slots, f'swap "{slots[other].text}" and "{slots[pos].text}"')
+
+
+def _dangling(slots: Sequence[Slot], gap: int, *, clause_ends: bool) -> list[int]:
+    """Indices of the function words a deletion just before `slots[gap]` leaves dangling: those
+    right before the gap where the clause now ends there ("a small red cross, the"), the
+    articles right before it where another function word follows ("the of ashford"), and a whole
+    clause left with nothing but function words."""
+    start = gap
+    while start > 0 and not slots[start - 1].text.endswith(_CLAUSE_END):
+        start -= 1
+    before = []
+    for i in range(gap - 1, start - 1, -1):
+        if not _is_function_word(slots[i].text) or (not clause_ends and _core(slots[i].text) not in ARTICLES):
+            break
+        before.insert(0, i)
+    if not clause_ends and not (gap < len(slots) and _is_function_word(slots[gap].text)):
+        before = []
+    stop = gap  # one past the clause's last slot (the one that carries its comma)
+    while stop < len(slots) and not clause_ends:
+        stop += 1
+        if slots[stop - 1].text.endswith(_CLAUSE_END):
+            break
+    rest = [i for i in range(start, stop) if i not in before]
+    if rest and all(_is_function_word(slots[i].text) for i in rest):
+        return list(range(start, stop))
+    return before
+
+
+def _core(text: str) -> str:
+    return split_core(text)[1].lower()
+
+
+def _is_function_word(text: str) -> bool:
+    return _core(text) in FUNCTION_WORDS
 
 
 def split_core(word: str) -> tuple[str, str, str]:
