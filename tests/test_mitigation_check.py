@@ -28,11 +28,27 @@ def test_reader_reads_renders_through_a_decoder() -> None:
     assert [r["size"] for r in read] == [a.size for a in attrs[:3]]
 
 
+def test_readable_keeps_what_the_reader_reads_on_round_trips() -> None:
+    """Accuracy is measured per object size, and an attribute is checked only where it is read well."""
+    reader = AttributeReader.calibrated(None, n=600, seed=0)
+    images, attrs = decoded_renders(None, n=300, seed=1)
+    by_size = reader.accuracy_by_size(images, attrs)
+    assert set(by_size) == {"small", "large"}
+    everything = reader.readable(images, attrs, min_accuracy=0.0)
+    assert everything == {"small": ATTRIBUTES, "large": ATTRIBUTES}
+    cut = (by_size["small"]["shape"] + by_size["large"]["shape"]) / 2
+    assert by_size["small"]["shape"] < cut < by_size["large"]["shape"]  # small shapes are the harder read
+    readable = reader.readable(images, attrs, min_accuracy=cut)
+    assert "shape" not in readable["small"] and "shape" in readable["large"]
+    assert reader.readable(images, attrs, min_accuracy=1.01) == {"small": (), "large": ()}
+
+
 def test_agreement_counts_the_asked_attributes() -> None:
     read = {"shape": "circle", "colour": "red", "size": "small"}
     assert agreement(read, {"shape": "circle", "colour": "red", "size": "large"}) == pytest.approx(2 / 3)
     assert agreement(read, {"shape": "square", "colour": "red", "size": None}) == 0.5
     assert np.isnan(agreement(read, {}))
+    assert agreement(read, {"shape": "square", "colour": "red", "size": "small"}, ("colour", "size")) == 1.0
 
 
 def test_embedding_generation_matches_text_generation() -> None:
@@ -78,6 +94,10 @@ def test_summary_counts() -> None:
     out = summarize_check(table, non, target=0.5)
     assert out["description_only_no_longer_copying"] == 0.5  # of the two ok rows
     assert out["description_only_attribute_agreement"] == 0.5
+    assert "attribute_agreement_ratios_all_attributes" not in out
+    table["agree_before_all"], table["agree_after_all"] = [0.5, 0.5, 1.0, 1.0], [0.25, 0.5, 1.0, 1.0]
+    out = summarize_check(table, non, target=0.5)
+    assert out["attribute_agreement_ratios_all_attributes"] == {"ok": 0.75}  # (0.25 + 0.5) / (0.5 + 0.5)
     assert out["description_only_attribute_agreement_ratio"] == 0.5
 
 

@@ -11,8 +11,11 @@ from the original prompt, from its rewrite and, when given, from its optimised e
   generation by a reader calibrated on the model's own decoder (`memscan.mitigation.attributes`;
   its accuracy on decoded renders is reported) and compared with what the prompt asks for: a
   memorized demo caption ("a large yellow square, the sapphire raven of harrowgate") names its
-  training image's size, colour and shape. The agreement of a rewrite's images is reported
-  against that of the original prompt's images;
+  training image's size, colour and shape. An attribute counts only where the reader reads it
+  right on at least `min_reader_accuracy` of fresh round trips of objects of the asked size (no
+  reader can check what the decoder cannot show: the shape of a small demo object); the
+  agreement over all three attributes is reported beside it (`*_all`). The agreement of a
+  rewrite's images is reported against that of the original prompt's images;
 - the text similarity of the rewrites (from the `mitigate` output) and whether the prompts that
   are not memorized came back unchanged;
 - a yardstick: the same numbers for the caption's description alone ("a large yellow square"),
@@ -55,6 +58,8 @@ class CheckSettings:
     steps: int = 50
     guidance: float = 7.5
     reader_renders: int = 4000
+    reader_holdout: int = 1000  # fresh round trips that measure the reader, attribute by size
+    min_reader_accuracy: float = 0.8  # an attribute is checked where the reader is at least this right
 
 
 @torch.no_grad()
@@ -75,11 +80,19 @@ def generate_from_embeddings(pipe: Any, embeds: torch.Tensor, settings: CheckSet
     return images.reshape(len(embeds), n, *images.shape[1:])
 
 
-def _agreements(reader: AttributeReader, images: np.ndarray, wanted: list[dict[str, str]]) -> np.ndarray:
-    """Per prompt, the mean attribute agreement of its generations with what it asks for."""
+def _agreements(
+    reader: AttributeReader, images: np.ndarray, wanted: list[dict[str, str]], checked: dict[str, tuple[str, ...]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per prompt, the mean agreement of its generations with what it asks for: over the attributes
+    `checked` for the asked size, and over all attributes."""
     read = reader.read(images.reshape(-1, *images.shape[2:]))
     each = [w for w in wanted for _ in range(images.shape[1])]
-    return np.array([agreement(r, w) for r, w in zip(read, each, strict=True)]).reshape(images.shape[:2]).mean(axis=1)
+
+    def per_prompt(values: list[float]) -> np.ndarray:
+        return np.array(values).reshape(images.shape[:2]).mean(axis=1)
+
+    return (per_prompt([agreement(r, w, checked.get(w["size"], ())) for r, w in zip(read, each, strict=True)]),
+            per_prompt([agreement(r, w) for r, w in zip(read, each, strict=True)]))
 
 
 def check_mitigation(
@@ -112,35 +125,41 @@ def check_mitigation(
     cutoffs, train = copy_cutoffs(data, pipe), reference_images(data, pipe)  # the demo's VAE-space measure
     decode = partial(vae_roundtrip, pipe)
     reader = AttributeReader.calibrated(decode, n=settings.reader_renders, seed=settings.gen_seed)
+    held_out = decoded_renders(decode, n=settings.reader_holdout, seed=settings.gen_seed + 1)
+    checked = reader.readable(*held_out, settings.min_reader_accuracy)
     gen = {"steps": settings.steps, "guidance": settings.guidance, "batch_size": settings.batch_size}
 
-    def measure(images: np.ndarray, rows: pd.DataFrame, asked: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+    def measure(images: np.ndarray, rows: pd.DataFrame, asked: list[dict[str, str]]) -> tuple[np.ndarray, ...]:
         copies = copy_table(data, rows[["prompt", *LABEL_COLUMNS]], images, cutoffs, train)["copy_rate"]
-        return copies.to_numpy(), _agreements(reader, images, asked)
+        return (copies.to_numpy(), *_agreements(reader, images, asked, checked))
 
     def from_text(texts: pd.Series) -> np.ndarray:
         return generate(pipe, texts.tolist(), settings.n_per_prompt, settings.gen_seed, **gen)
 
     table = mem[["prompt_id", "prompt", "rewritten", "status", "score_before", "score_after", "similarity"]].copy()
-    table["copy_before"], table["agree_before"] = measure(from_text(mem["prompt"]), mem, wanted)
-    table["copy_after"], table["agree_after"] = measure(from_text(mem["rewritten"]), mem, wanted)
+    table["copy_before"], table["agree_before"], table["agree_before_all"] = measure(from_text(mem["prompt"]), mem, wanted)
+    table["copy_after"], table["agree_after"], table["agree_after_all"] = measure(from_text(mem["rewritten"]), mem, wanted)
     # the yardstick: the best a rewrite can do here is the caption's description alone
     table["description"] = [describe(a["shape"], a["colour"], a["size"]) for a in wanted]
-    table["copy_description"], table["agree_description"] = measure(from_text(table["description"]), mem, wanted)
+    (table["copy_description"], table["agree_description"],
+     table["agree_description_all"]) = measure(from_text(table["description"]), mem, wanted)
     if embeddings is not None:
         saved = load_embeddings(Path(embeddings))
         has = mem["prompt_id"].isin(list(saved)).to_numpy()
         table["embedding_score"] = mem.get("embedding_score", pd.Series(np.nan, index=mem.index))
-        table["embedding_copy"] = table["embedding_agree"] = np.nan
+        table["embedding_copy"] = table["embedding_agree"] = table["embedding_agree_all"] = np.nan
         if has.any():
             stacked = torch.cat([saved[i] for i in mem.loc[has, "prompt_id"]])
             images = generate_from_embeddings(pipe, stacked, settings)
             asked = [w for w, h in zip(wanted, has, strict=True) if h]
-            copies, agree = measure(images, mem[has].reset_index(drop=True), asked)
+            copies, agree, agree_all = measure(images, mem[has].reset_index(drop=True), asked)
             table.loc[has, "embedding_copy"], table.loc[has, "embedding_agree"] = copies, agree
+            table.loc[has, "embedding_agree_all"] = agree_all
     summary = summarize_check(table, non, target)
-    held_out = decoded_renders(decode, n=500, seed=settings.gen_seed + 1)
     summary["reader_accuracy_on_decoded_renders"] = {k: round(v, 4) for k, v in reader.accuracy(*held_out).items()}
+    summary["reader_accuracy_by_size"] = {size: {k: round(v, 4) for k, v in acc.items()}
+                                          for size, acc in reader.accuracy_by_size(*held_out).items()}
+    summary["checked_attributes"] = {size: list(keys) for size, keys in checked.items()}
     summary["settings"] = settings.__dict__
     return table, summary
 
@@ -177,28 +196,36 @@ def summarize_check(table: pd.DataFrame, non: pd.DataFrame, target: float) -> di
         "not_memorized": int(len(non)),
         "not_memorized_unchanged": share((non["status"] == STATUS_NOT_FLAGGED) & (non["rewritten"] == non["prompt"])),
     }
-    before, after = out["ok_attribute_agreement_before"], out["ok_attribute_agreement_after"]
-    out["ok_attribute_agreement_ratio"] = round(after / before, 4) if before and after is not None else None
+    out["ok_attribute_agreement_ratio"] = _ratio(ok, "agree_after")
     if "agree_description" in table:
-        described = share(ok["agree_description"])
         out["description_only_no_longer_copying"] = share(ok["copy_description"] <= 0.5)
-        out["description_only_attribute_agreement"] = described
-        out["description_only_attribute_agreement_ratio"] = (
-            round(described / before, 4) if before and described is not None else None
-        )
+        out["description_only_attribute_agreement"] = share(ok["agree_description"])
+        out["description_only_attribute_agreement_ratio"] = _ratio(ok, "agree_description")
     if "embedding_copy" in table:
         emb = attempted[attempted["embedding_score"].notna()]
         out["embedding_under_target_of_flagged"] = share(emb["embedding_score"] < target)
         out["embedding_generation_copy_rate_before"] = share(emb["copy_before"])
         out["embedding_generation_copy_rate_after"] = share(emb["embedding_copy"])
         out["embedding_prompts_no_longer_copying"] = share(emb["embedding_copy"] <= 0.5)
-        agree_before, agree_after = share(emb["agree_before"]), share(emb["embedding_agree"])
-        out["embedding_attribute_agreement_before"] = agree_before
-        out["embedding_attribute_agreement_after"] = agree_after
-        out["embedding_attribute_agreement_ratio"] = (
-            round(agree_after / agree_before, 4) if agree_before and agree_after is not None else None
-        )
+        out["embedding_attribute_agreement_before"] = share(emb["agree_before"])
+        out["embedding_attribute_agreement_after"] = share(emb["embedding_agree"])
+        out["embedding_attribute_agreement_ratio"] = _ratio(emb, "embedding_agree")
+    if "agree_before_all" in table:  # the same ratios over all three attributes, readable or not
+        out["attribute_agreement_ratios_all_attributes"] = {
+            name: _ratio(rows, f"{column}_all", "agree_before_all")
+            for name, rows, column in (("ok", ok, "agree_after"), ("description_only", ok, "agree_description"),
+                                       ("embedding", attempted, "embedding_agree"))
+            if f"{column}_all" in table
+        }
     return out
+
+
+def _ratio(rows: pd.DataFrame, after: str, before: str = "agree_before") -> float | None:
+    """Mean of `after` over mean of `before` among `rows` (the rows `after` was measured for)."""
+    measured = rows[rows[after].notna()]
+    if measured.empty or not measured[before].mean():
+        return None
+    return round(float(measured[after].mean() / measured[before].mean()), 4)
 
 
 def main(argv: list[str] | None = None) -> int:
