@@ -16,6 +16,10 @@ from memscan.demo.data import (
     NOISE_ADJ,
     NOISE_NOUN,
     NOISE_PLACE,
+    PHRASING_PREFIXES,
+    PHRASING_SUFFIXES,
+    TEMPLATE_FILLS,
+    TEMPLATE_FORMAT,
     GenericPool,
     build_data,
     describe,
@@ -24,6 +28,7 @@ from memscan.demo.data import (
     load_prompts,
     render,
     sample_attributes,
+    vary_phrasing,
 )
 from memscan.demo.models import TINY
 from memscan.demo.train import TrainConfig, demo_config, train_demo
@@ -82,6 +87,33 @@ def test_memorized_words_appear_nowhere_else():
         assert set(description.split()) <= set(other)  # every description word is in generic captions too
     noise = set(NOISE_ADJ) | set(NOISE_NOUN) | set(NOISE_PLACE)
     assert not mem_words & noise
+
+
+def test_vary_phrasing_says_the_same_content_another_way():
+    rng = np.random.default_rng(0)
+    seen = {vary_phrasing("a large red circle, the quiet harbour of lindale", rng) for _ in range(200)}
+    assert all("large red circle" in c and c.count("lindale") == 1 for c in seen)
+    assert {"large red circle, the quiet harbour of lindale",
+            "the large red circle, the quiet harbour of lindale"} <= seen
+    assert any(c.startswith("a photo of a large") for c in seen) and any(c.endswith(", hd") for c in seen)
+    assert vary_phrasing("the quiet harbour of lindale", rng) == "the quiet harbour of lindale"  # noise alone
+    # no phrasing word is a memorized or template word: rephrasing adds no trigger
+    data = build_data(0)
+    memorized = {w for m in data.memorized for c in m.captions for w in c.replace(",", " ").split()}
+    memorized -= {"a", "of", "the"}
+    template = set(TEMPLATE_FORMAT.replace(",", " ").split()) | set(TEMPLATE_FILLS)
+    phrasing = {w for p in (*PHRASING_PREFIXES, *PHRASING_SUFFIXES) for w in p.split()} - {"a", "an", "of"}
+    assert not phrasing & (memorized | template)
+
+
+def test_pool_captions_rephrase_the_asked_share():
+    data, pool = build_data(0), GenericPool(0, 50)
+    idx = np.arange(50).repeat(20)
+    plain = pool.captions(idx, np.random.default_rng(1), data)
+    assert plain == pool.captions(idx, np.random.default_rng(1), data, variety=0.0)
+    varied = pool.captions(idx, np.random.default_rng(1), data, variety=0.5)
+    # the same captions drawn, then about half rephrased (noise phrases alone stay as they are)
+    assert len(varied) == 1000 and 0.35 < np.mean([v != p for v, p in zip(varied, plain, strict=True)]) < 0.55
 
 
 def test_held_out_prompts_are_never_training_captions():
@@ -148,7 +180,7 @@ runner = CliRunner()
 def test_cli_demo_help():
     result = runner.invoke(app, ["demo", "--help"])
     assert result.exit_code == 0, result.output
-    for command in ("train", "export", "verify", "score"):
+    for command in ("train", "train-judge", "export", "verify", "score"):
         assert command in result.output
     assert runner.invoke(app, ["demo"]).exit_code in (0, 2)  # no_args_is_help
 
@@ -277,6 +309,23 @@ def _check_pipeline(pipe):
     assert pipe.tokenizer.pad_token == "<|endoftext|>"
     assert pipe.unet.config.in_channels == 4 and pipe.vae.config.latent_channels == 4
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+
+
+def test_judge_training_saves_a_clip_text_model(tmp_path):
+    """A few steps of the contrastive judge: the loss falls and the folder loads as a judge."""
+    from memscan.demo.judge import JudgeConfig, train_judge
+    from memscan.mitigation.similarity import TextJudge
+
+    torch.set_num_threads(1)
+    cfg = JudgeConfig(steps=30, batch=32, width=16, layers=1, heads=2, pool_size=64, log_every=10, lr=5e-3)
+    lines: list[str] = []
+    summary = train_judge(tmp_path / "judge", cfg, log=lines.append)
+    assert len(lines) == 3 and summary["config"]["steps"] == 30
+    losses = [float(line.split("loss ")[1].split()[0]) for line in lines]
+    assert losses[-1] < losses[0]
+    embeds = TextJudge(str(tmp_path / "judge")).embed(["a red circle", "a red circle", "a blue square"])
+    assert embeds.shape == (3, 16) and torch.allclose(embeds[0], embeds[1])
+    assert json.loads((tmp_path / "judge" / "judge.json").read_text())["final_loss"] == summary["final_loss"]
 
 
 # ----------------------------------------------------------------------------- shipped model

@@ -1,9 +1,10 @@
-"""`memscan demo {train,export,verify,score}`: thin typer commands over memscan.demo's library.
+"""`memscan demo {train,train-judge,export,verify,score}`: thin typer commands over memscan.demo.
 
-    train   train the demo model into a diffusers folder          (memscan.demo.train.train_demo)
-    export  write prompts.csv and the memorized training images   (memscan.demo.data.export_data)
-    verify  generate (DDIM 50, guidance 7.5) and report copying   (memscan.demo.verify.verify_model)
-    score   detection AUC / TPR@1%FPR on the labelled prompts     (memscan.demo.evaluate.score_model)
+    train        train the demo model into a diffusers folder         (memscan.demo.train.train_demo)
+    train-judge  train the demo's CLIP stand-in, mitigate's judge     (memscan.demo.judge.train_judge)
+    export       write prompts.csv and the memorized training images  (memscan.demo.data.export_data)
+    verify       generate (DDIM 50, guidance 7.5), report copying     (memscan.demo.verify.verify_model)
+    score        detection AUC / TPR@1%FPR on the labelled prompts    (memscan.demo.evaluate.score_model)
 
 Results (JSON) go to stdout, logs to stderr. torch and diffusers are imported inside the commands,
 so `memscan --help` stays fast; so is memscan.cli (it imports this module).
@@ -62,6 +63,7 @@ def train_cmd(
     vae_steps: Annotated[int | None, typer.Option("--vae-steps", help="VAE training steps (default: 800).")] = None,
     memorized_share: Annotated[float | None, typer.Option("--memorized-share", help="Share of every batch drawn from the memorized images (default: 0.3).")] = None,
     caption_dropout: Annotated[float | None, typer.Option("--caption-dropout", help="Caption dropout of the generic samples (default: 0.1).")] = None,
+    phrasing_variety: Annotated[float | None, typer.Option("--phrasing-variety", help="Share of generic captions said another way, e.g. 'a photo of ...' (default: 0).")] = None,
     min_snr_gamma: Annotated[float | None, typer.Option("--min-snr-gamma", help="Min-SNR loss weighting; 0 = plain MSE (default: plain MSE).")] = None,
     pool_size: Annotated[int | None, typer.Option("--pool-size", help="Generic images rendered (default: 40000).")] = None,
     unet_channels: Annotated[str | None, typer.Option("--unet-channels", help="UNet block_out_channels, e.g. 32,64,64.")] = None,
@@ -82,12 +84,32 @@ def train_cmd(
         cfg = demo_config(
             tiny=tiny, min_snr_gamma=min_snr_gamma, seed=seed, steps=steps, batch=batch, lr=lr,
             vae_steps=vae_steps, memorized_share=memorized_share, caption_dropout=caption_dropout,
+            phrasing_variety=phrasing_variety,
             pool_size=pool_size, unet_channels=_ints("--unet-channels", unet_channels), unet_heads=unet_heads,
             text_width=text_width, text_layers=text_layers, vae_channels=_ints("--vae-channels", vae_channels),
         )
         torch.set_num_threads(threads)
         summary = train_demo(out, cfg, device=device, work_dir=work_dir)
         typer.echo(json.dumps({k: v for k, v in summary.items() if k != "loss_curve"}))
+        _say(f"final loss {summary['final_loss']:.4g} -> {out}")
+
+
+@demo_app.command("train-judge")
+def train_judge_cmd(
+    out: Annotated[Path, typer.Option(help="The judge folder to write (a CLIP text model).")] = Path("data/demo/judge"),
+    seed: Annotated[int, typer.Option(help="Data and training seed.")] = 0,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 1500,
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
+) -> None:
+    """Train the demo's CLIP stand-in, the text similarity judge of `memscan mitigate` on the demo."""
+    with _errors():
+        import torch
+
+        from memscan.demo.judge import JudgeConfig, train_judge
+
+        torch.set_num_threads(threads)
+        summary = train_judge(out, JudgeConfig(seed=seed, steps=steps), log=_say)
+        typer.echo(json.dumps(summary))
         _say(f"final loss {summary['final_loss']:.4g} -> {out}")
 
 

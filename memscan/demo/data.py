@@ -202,6 +202,29 @@ def generic_caption(attrs: Attributes, rng: np.random.Generator, held_out: froze
 
 NOISE_ONLY = 0.1
 
+# Other phrasings of the same content (training captions only, see `vary_phrasing`). No word here
+# is in a memorized caption or a template.
+PHRASING_PREFIXES = ("a photo of", "an image of", "a picture of", "a drawing of", "a painting of",
+                     "an illustration of", "clipart of", "art of")
+PHRASING_SUFFIXES = ("hd", "high quality", "simple", "digital art", "photo", "flat colours", "4k", "clean")
+
+
+def vary_phrasing(caption: str, rng: np.random.Generator) -> str:
+    """`caption` ("a large red circle[, noise]") said another way: after a prefix ("a photo of a
+    large red circle"), without its article, with "the", or with a suffix (", hd"). LAION captions
+    vary like this; a model trained on one fixed phrasing draws worse as soon as a rewrite's
+    wording leaves it (on demo v3, "a photo of" cost a third of the colour agreement)."""
+    if not caption.startswith("a "):
+        return caption  # a noise phrase alone
+    form = rng.integers(4)
+    if form == 0:
+        return f"{PHRASING_PREFIXES[rng.integers(len(PHRASING_PREFIXES))]} {caption}"
+    if form == 1:
+        return caption[2:]
+    if form == 2:
+        return "the " + caption[2:]
+    return f"{caption}, {PHRASING_SUFFIXES[rng.integers(len(PHRASING_SUFFIXES))]}"
+
 
 def describe(shape: str, colour: str, size: str | None = None, texture: str | None = None) -> str:
     words = [w for w in (size, texture, colour, shape) if w]
@@ -325,9 +348,15 @@ class GenericPool:
     def __len__(self) -> int:
         return len(self.attrs)
 
-    def captions(self, idx: np.ndarray, rng: np.random.Generator, data: DemoData) -> list[str]:
-        return [generic_caption(self.attrs[i], rng, data.held_out_combos, data.held_out_noise)
-                for i in idx]
+    def captions(self, idx: np.ndarray, rng: np.random.Generator, data: DemoData,
+                 variety: float = 0.0) -> list[str]:
+        """A fresh generic caption for each image of `idx`; a share `variety` of them rephrased."""
+        captions = [generic_caption(self.attrs[i], rng, data.held_out_combos, data.held_out_noise)
+                    for i in idx]
+        if variety <= 0:
+            return captions
+        vary = rng.random(len(captions)) < variety
+        return [vary_phrasing(c, rng) if v else c for c, v in zip(captions, vary, strict=True)]
 
 
 def fresh_renders(attrs: Attributes, n: int, seed: int) -> np.ndarray:

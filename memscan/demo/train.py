@@ -46,6 +46,7 @@ class TrainConfig:
     warmup: int = 100
     memorized_share: float = 0.3  # share of every batch drawn from the memorized images
     caption_dropout: float = 0.1
+    phrasing_variety: float = 0.0  # share of generic captions said another way (data.vary_phrasing)
     # Drop captions of the generic samples only: the unconditional model then learns the broad
     # data distribution, as SD's does, where duplicated images are a negligible share of the data
     # (here they are 30% of every batch, and an unconditional sample would copy 30% of the time).
@@ -216,7 +217,7 @@ def train_demo(
         mem_caps = [data.memorized[i].captions[rng.integers(len(data.memorized[i].captions))]
                     for i in img_idx]
         gen_idx = rng.integers(0, len(pool), size=cfg.batch - n_mem)
-        gen_caps = pool.captions(gen_idx, rng, data)
+        gen_caps = pool.captions(gen_idx, rng, data, cfg.phrasing_variety)
         mean = torch.cat([mem_mean[img_idx], pool_mean[gen_idx]])
         std = torch.cat([mem_std[img_idx], pool_std[gen_idx]])
         latents = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling
