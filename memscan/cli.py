@@ -452,7 +452,7 @@ def mitigate_cmd(
     min_similarity: Annotated[float, typer.Option("--min-similarity", help="Least text similarity (see --similarity) of a rewrite to the original.")] = 0.8,
     beam_width: Annotated[int, typer.Option("--beam-width", help="Candidates kept per round (half by score, half by similarity).")] = 4,
     max_edits: Annotated[int, typer.Option("--max-edits", help="Most edits in one rewrite (search rounds).")] = 4,
-    similarity: Annotated[str | None, typer.Option(help="Sentence vector for --min-similarity: pooled (CLIP's EOS state) or tokens (mean of the token states) (default: the profile's).")] = None,
+    similarity: Annotated[str | None, typer.Option(help="What measures --min-similarity: pooled (CLIP's EOS state), tokens (mean of the token states), or a CLIP text model to judge with, a folder or hub id (default: the profile's).")] = None,
     prefer: Annotated[str, typer.Option(help="Which rewrite of a round wins: score (the lowest, farthest from memorized) or similarity (the closest).")] = "score",
     verify_noise: Annotated[int, typer.Option("--verify-noise", help="Noises of an independent bank that must also score a rewrite under the target; 0 = off.")] = 4,
     all_rows: Annotated[bool, typer.Option("--all", help="From a detect output, take every row, not only the flagged ones.")] = False,

@@ -437,12 +437,15 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
-def profile_to_toml(profile: ModelProfile, *, source: str | None = None) -> str:
-    """A profile as TOML that `load_profile_file` reads back (None fields are left out)."""
+def profile_to_toml(profile: ModelProfile, **paths: str) -> str:
+    """A profile as TOML that `load_profile_file` reads back (None fields are left out); `paths`
+    replace fields as written (`source`, `text_similarity`: see `local_reference`)."""
     data = {k: v for k, v in profile.to_dict().items() if v is not None and k != "name"}
-    if source is not None:
-        data["source"] = source
+    data.update(paths)
     tables = {"scoring": {k: data.pop(k) for k in _SCORING_KEYS if k in data}}
+    if data.get("text_similarity", "pooled") != "pooled":
+        tables["mitigation"] = {"text_similarity": data.pop("text_similarity")}
+    data.pop("text_similarity", None)
     tables.update({k: data.pop(k) for k in list(data) if isinstance(data[k], dict)})
     lines = ["# memscan model profile (read by `memscan detect --model FILE.toml`)"]
     lines += [f"{key} = {_toml_value(value)}" for key, value in data.items()]
@@ -452,14 +455,15 @@ def profile_to_toml(profile: ModelProfile, *, source: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def profile_source_for(profile: ModelProfile, path: Path) -> str:
-    """The source as written at `path`: relative (./, ../) inside the shipped config folder, so the
-    repository stays relocatable; absolute for other local paths; hub ids as they are."""
+def local_reference(value: str, path: Path) -> str:
+    """A model source (or judge) as written at `path`: relative (./, ../) inside the shipped config
+    folder, so the repository stays relocatable; absolute for other local paths; hub ids and
+    names as they are."""
     from memscan.paths import config_dir
 
-    local = Path(profile.source).expanduser()
+    local = Path(value).expanduser()
     if not local.exists():
-        return profile.source
+        return value
     folder = path.resolve().parent
     if folder == config_dir().resolve():
         relative = os.path.relpath(local.resolve(), folder)
@@ -470,8 +474,11 @@ def profile_source_for(profile: ModelProfile, path: Path) -> str:
 def write_profile(profile: ModelProfile, path: Path) -> Path:
     """Write `profile` to `path` as TOML, atomically."""
     from memscan.io.scores import atomic_write_bytes
+    from memscan.models.profiles import TEXT_SIMILARITIES
 
-    text = profile_to_toml(profile, source=profile_source_for(profile, path))
+    judge = profile.text_similarity
+    text = profile_to_toml(profile, source=local_reference(profile.source, path),
+                           text_similarity=judge if judge in TEXT_SIMILARITIES else local_reference(judge, path))
     atomic_write_bytes(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return Path(path)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +192,13 @@ def test_profile_round_trips_through_toml(tmp_path: Path) -> None:
     assert loaded.threshold == result.threshold and loaded.w_align == result.w_align
     assert loaded.calibration["target_fpr"] == 0.05 and loaded.calibration["n_noise"] == 1
     assert "[scoring]" in profile_to_toml(profile) and "[calibration]" in profile_to_toml(profile)
+    assert "[mitigation]" not in profile_to_toml(profile)  # the default sentence vector is not written
+    (tmp_path / "judge").mkdir()
+    judged = replace(profile, text_similarity=str(tmp_path / "judge"))
+    assert load_profile_file(write_profile(judged, tmp_path / "mine.toml")) == judged
+    assert '[mitigation]\ntext_similarity = "' in (tmp_path / "mine.toml").read_text()
+    tokens = replace(profile, text_similarity="tokens")
+    assert load_profile_file(write_profile(tokens, tmp_path / "mine.toml")) == tokens
 
 
 # ------------------------------------------------------------------------------------ commands

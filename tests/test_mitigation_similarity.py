@@ -1,4 +1,5 @@
-"""Sentence vectors of the text encoder: the pooled EOS state and the mean of the token states."""
+"""Sentence vectors of the text encoder (the pooled EOS state, the mean of the token states) and of
+a CLIP text model brought as a judge."""
 
 from __future__ import annotations
 
@@ -6,9 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memscan.errors import UsageError
+from memscan.errors import ModelError, UsageError
 from memscan.mitigation import MitigateSettings
-from memscan.mitigation.similarity import cosine_to, pooled_embeddings, sentence_embeddings
+from memscan.mitigation.similarity import (
+    cosine_to,
+    pooled_embeddings,
+    resolve_similarity,
+    sentence_embeddings,
+    text_judge,
+)
 from memscan.models.loading import ScoringModel
 from memscan.models.text import tokenize
 
@@ -35,8 +42,51 @@ def test_tokens_is_the_mean_state_of_the_prompts_tokens_after_bos(tiny_model: Sc
     assert cosine_to(got[0], got)[0] == pytest.approx(1.0)
 
 
-def test_unknown_similarity_is_a_usage_error(tiny_model: ScoringModel) -> None:
-    with pytest.raises(UsageError, match="pooled, tokens"):
-        sentence_embeddings(tiny_model, TEXTS, "bleu")
+def test_an_unknown_similarity_is_a_model_that_does_not_load(tiny_model: ScoringModel, tmp_path) -> None:
+    with pytest.raises(ModelError, match="similarity model .*bleu"):
+        sentence_embeddings(tiny_model, TEXTS, str(tmp_path / "bleu"))
     with pytest.raises(UsageError, match="--similarity"):
-        MitigateSettings(similarity="bleu")
+        MitigateSettings(similarity=" ")
+
+
+def _save_judge(folder) -> torch.nn.Module:
+    import shutil
+
+    from memscan.demo.judge import JudgeConfig, build_text_tower
+    from memscan.models.tokenizer import TOKENIZER_FILES
+    from memscan.paths import tokenizer_dir
+
+    torch.manual_seed(0)
+    judge = build_text_tower(JudgeConfig(width=16, layers=1, heads=2)).eval()
+    judge.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(tokenizer_dir() / name, folder / name)
+    return judge
+
+
+def test_a_clip_text_model_judges_in_place_of_the_encoder(tiny_model: ScoringModel, tmp_path) -> None:
+    """Any other --similarity is a CLIP text model: its normalised projected text embedding."""
+    from memscan.models.tokenizer import load_clip_tokenizer
+
+    judge = _save_judge(tmp_path / "judge")
+    tokens = load_clip_tokenizer()(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = F.normalize(judge(**tokens).text_embeds, dim=-1)
+    source = resolve_similarity(str(tmp_path / "judge"))
+    got = sentence_embeddings(tiny_model, TEXTS, source, batch_size=2)
+    assert got.shape == (3, 16)
+    torch.testing.assert_close(got, expected)
+    assert text_judge(source) is text_judge(source)  # loaded once per process
+    assert resolve_similarity("tokens") == "tokens" and resolve_similarity("org/clip") == "org/clip"
+
+
+def test_a_profile_names_its_judge_relative_to_itself(tmp_path) -> None:
+    from memscan.models.profiles import load_profile_file
+
+    profile = tmp_path / "m.toml"
+    profile.write_text('source = "org/model"\n[mitigation]\ntext_similarity = "./judge"\n')
+    assert load_profile_file(profile).text_similarity == str((tmp_path / "judge").resolve())
+    profile.write_text('source = "org/model"\n[mitigation]\ntext_similarity = "tokens"\n')
+    assert load_profile_file(profile).text_similarity == "tokens"
+
+

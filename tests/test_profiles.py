@@ -8,6 +8,7 @@ import pytest
 
 from memscan.errors import ConfigError
 from memscan.models.profiles import available_profiles, load_profile, load_profile_file
+from memscan.paths import config_dir
 
 
 def test_shipped_profiles_parse() -> None:
@@ -40,7 +41,7 @@ def test_bad_profiles_are_config_errors(tmp_path: Path) -> None:
         "nosource.toml": 'prediction_type = "epsilon"\n',
         "typo.toml": 'source = "x/y"\nw_nrom = 1\n',
         "pred.toml": 'source = "x/y"\nprediction_type = "sample"\n',
-        "similarity.toml": 'source = "x/y"\n[mitigation]\ntext_similarity = "bleu"\n',
+        "similarity.toml": 'source = "x/y"\n[mitigation]\ntext_similarity = " "\n',
         "broken.toml": "source = \n",
     }
     for name, text in cases.items():
@@ -58,4 +59,5 @@ def test_relative_source_resolves_against_the_profile(tmp_path: Path) -> None:
 def test_mitigation_table_sets_the_text_similarity(tmp_path: Path) -> None:
     (tmp_path / "p.toml").write_text('source = "x/y"\n[mitigation]\ntext_similarity = "tokens"\n')
     assert load_profile_file(tmp_path / "p.toml").text_similarity == "tokens"
-    assert load_profile("sd-v1-4").text_similarity == "pooled" and load_profile("demo").text_similarity == "tokens"
+    assert load_profile("sd-v1-4").text_similarity == "pooled"
+    assert load_profile("demo").text_similarity == str((config_dir() / "../data/demo/judge").resolve())

@@ -26,6 +26,7 @@ from memscan.mitigation.embeddings import load_embeddings, optimise_embedding, s
 from memscan.mitigation.neighbours import TokenNeighbours
 from memscan.mitigation.search import RewriteSearch, SearchSettings
 from memscan.mitigation.settings import MitigateSettings
+from memscan.mitigation.similarity import resolve_similarity
 from memscan.mitigation.table import (
     STATUS_NOT_FLAGGED,
     STATUS_OK,
@@ -119,7 +120,7 @@ def rewrite_prompts(
     search = RewriteSearch(scorer, edits, SearchSettings(
         target=target, min_similarity=settings.min_similarity, beam_width=settings.beam_width,
         max_edits=settings.max_edits, n_triggers=settings.n_triggers,
-        similarity=settings.similarity or scorer.model.profile.text_similarity,
+        similarity=resolve_similarity(settings.similarity or scorer.model.profile.text_similarity),
         prefer=settings.prefer,
     ), verifier=verifier_for(scorer, settings.verify_noise))
     out = pd.DataFrame({

@@ -22,6 +22,7 @@ from memscan.config import DetectSettings
 from memscan.errors import UsageError
 from memscan.io.scores import STATUS_SKIPPED_EMPTY
 from memscan.mitigation.settings import MitigateSettings
+from memscan.mitigation.similarity import resolve_similarity
 from memscan.mitigation.table import (
     STATUS_NOT_FLAGGED,
     STATUS_OK,
@@ -178,7 +179,7 @@ def run_mitigate(
         if is_detect_output(path):
             check_detect_output(path, all_rows=settings.all_rows)
     profile = _profile(settings)
-    similarity = settings.similarity or profile.text_similarity
+    similarity = resolve_similarity(settings.similarity or profile.text_similarity)
     job = MitigateJob(replace(settings, target=resolve_target(settings, profile), similarity=similarity))
     return run_job(input_spec, out_dir, job, options, executor=executor, workers=workers, gpus=gpus,
                    log_interval=log_interval, interactive=interactive)

@@ -9,18 +9,25 @@ Two sentence vectors, both free with SD's text encoder (no extra model):
   there, replacing "yellow" by "blue" keeps a pooled cosine of 0.93 while dropping the
   memorized phrase gives 0.63; the token mean reads 0.50 and 0.87-0.94.
 
+A third way brings its own judge: any other value names a CLIP text model (a folder or a hub id,
+e.g. `openai/clip-vit-base-patch32`) whose projected text embedding is used instead, loaded once
+per process. The demo ships one (`data/demo/judge`, `memscan.demo.judge`): its own text encoder
+rates "framed canvas umu" at 0.83 of "framed canvas print of the dancing wizard, a large pink
+square", so it cannot tell a rewrite that keeps the picture from one that drops it.
+
 A profile names the one that suits its text encoder (`text_similarity`); `pooled` by default.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memscan.errors import UsageError
+from memscan.errors import ModelError, UsageError, one_line
 from memscan.models.loading import ScoringModel
 from memscan.models.profiles import TEXT_SIMILARITIES as SIMILARITIES
 from memscan.models.text import run_text_encoder, tokenize
@@ -32,6 +39,8 @@ def sentence_embeddings(
 ) -> torch.Tensor:
     """(len(texts), hidden) float32 sentence vectors of `kind` (see the module), L2-normalised."""
     check_similarity(kind)
+    if kind not in SIMILARITIES:
+        return text_judge(kind).embed(texts, batch_size=batch_size)
     parts = []
     for start in range(0, len(texts), batch_size):
         tokens = tokenize(model, texts[start : start + batch_size])
@@ -48,9 +57,46 @@ def sentence_embeddings(
 
 
 def check_similarity(kind: str) -> None:
-    """A one-line UsageError unless `kind` names a sentence vector this module makes."""
-    if kind not in SIMILARITIES:
-        raise UsageError(f"--similarity must be one of {', '.join(SIMILARITIES)}, got {kind!r}")
+    """A one-line UsageError unless `kind` names a sentence vector this module makes or a model."""
+    if not kind or not kind.strip():
+        raise UsageError(f"--similarity must be one of {', '.join(SIMILARITIES)} or a CLIP text model, got {kind!r}")
+
+
+def resolve_similarity(kind: str) -> str:
+    """`kind` as every worker must see it: a local judge folder as an absolute path."""
+    from pathlib import Path
+
+    return kind if kind in SIMILARITIES or not Path(kind).exists() else str(Path(kind).resolve())
+
+
+class TextJudge:
+    """A CLIP text model with its projection, apart from the scored model: the cosine of its
+    normalised text embeddings says how close two prompts are, as CLIP's does for SD."""
+
+    def __init__(self, source: str) -> None:
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        try:
+            self.tokenizer = CLIPTokenizer.from_pretrained(source)
+            self.model = CLIPTextModelWithProjection.from_pretrained(source, torch_dtype=torch.float32).eval()
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load the similarity model {source!r}: {one_line(exc)}") from exc
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str], *, batch_size: int = 256) -> torch.Tensor:
+        """(len(texts), projection_dim) float32 text embeddings, L2-normalised."""
+        parts = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True,
+                                    max_length=self.tokenizer.model_max_length, return_tensors="pt")
+            parts.append(F.normalize(self.model(**tokens).text_embeds.float(), dim=-1))
+        return torch.cat(parts) if parts else torch.zeros(0, 0)
+
+
+@lru_cache(maxsize=4)
+def text_judge(source: str) -> TextJudge:
+    """The judge at `source`, loaded once per process (every shard and prompt shares it)."""
+    return TextJudge(source)
 
 
 def pooled_embeddings(model: ScoringModel, texts: Sequence[str], *, batch_size: int = 256) -> torch.Tensor:

@@ -26,7 +26,7 @@ VConvention = Literal["epsilon", "raw"]
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
 CUSTOM_PROFILE = "custom"
 _V_CONVENTIONS = ("epsilon", "raw")
-TEXT_SIMILARITIES = ("pooled", "tokens")  # sentence vectors of memscan.mitigation.similarity
+TEXT_SIMILARITIES = ("pooled", "tokens")  # sentence vectors of memscan.mitigation.similarity (or a CLIP text model)
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class ModelProfile:
     w_align: float = 1.0
     threshold: float | None = None
     v_convention: VConvention = "epsilon"
-    text_similarity: str = "pooled"  # mitigate's sentence vector (memscan.mitigation.similarity)
+    text_similarity: str = "pooled"  # mitigate's sentence vector or CLIP text model (memscan.mitigation.similarity)
     calibration: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -57,10 +57,9 @@ class ModelProfile:
                 f"profile {self.name!r}: prediction_type must be one of {_PREDICTION_TYPES}, "
                 f"got {self.prediction_type!r}"
             )
-        if self.text_similarity not in TEXT_SIMILARITIES:
+        if not self.text_similarity.strip():
             raise ConfigError(
-                f"profile {self.name!r}: text_similarity must be one of {TEXT_SIMILARITIES}, "
-                f"got {self.text_similarity!r}"
+                f"profile {self.name!r}: text_similarity must be one of {TEXT_SIMILARITIES} or a CLIP text model"
             )
         if self.v_convention not in _V_CONVENTIONS:
             raise ConfigError(
@@ -103,8 +102,10 @@ def load_profile_file(path: Path) -> ModelProfile:
     source = data.get("source")
     if not isinstance(source, str) or not source:
         raise ConfigError(f"profile {path} has no 'source'")
-    if source.startswith("./") or source.startswith("../"):
-        data["source"] = str((path.parent / source).resolve())
+    for key in ("source", "text_similarity"):  # local folders given relative to the profile
+        value = data.get(key)
+        if isinstance(value, str) and value.startswith(("./", "../")):
+            data[key] = str((path.parent / value).resolve())
     known = set(ModelProfile.__dataclass_fields__)
     unknown = sorted(set(data) - known)
     if unknown:
