@@ -116,7 +116,9 @@ def test_a_deletion_takes_the_function_words_it_leaves_dangling() -> None:
     assert delete(verbatim, 5, 2) == ("a small red cross, of silverdale", ('delete "crimson compass" and "the"',))
     assert delete(verbatim, 6, 1)[0] == "a small red cross, the crimson of silverdale"  # nothing dangles
     template = "framed canvas print of the majestic tiger, a large pink square"
-    assert delete(template, 5, 2) == ("framed canvas print, a large pink square", ('delete "majestic tiger," and "of the"',))
-    assert delete("a large yellow square, the sapphire raven", 3, 1)[0] == "a large yellow, the sapphire raven"  # comma kept
+    dropped = ('delete "majestic tiger," and "of the"',)
+    assert delete(template, 5, 2) == ("framed canvas print, a large pink square", dropped)
+    kept_comma = delete("a large yellow square, the sapphire raven", 3, 1)[0]
+    assert kept_comma == "a large yellow, the sapphire raven"
     assert delete("a photo of a large square", 4, 1)[0] == "a photo of a square"  # "of a" was there before
     assert delete("the tiger", 1, 1)[0] == "the"  # never deleted to nothing

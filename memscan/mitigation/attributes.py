@@ -99,7 +99,9 @@ class AttributeReader:
         return {size: self.accuracy(images[idx], [attrs[i] for i in idx])
                 for size in SIZES if (idx := [i for i, a in enumerate(attrs) if a.size == size])}
 
-    def readable(self, images: np.ndarray, attrs: Sequence[Attributes], min_accuracy: float) -> dict[str, tuple[str, ...]]:
+    def readable(
+        self, images: np.ndarray, attrs: Sequence[Attributes], min_accuracy: float
+    ) -> dict[str, tuple[str, ...]]:
         """Per object size, the attributes the reader reads right on at least `min_accuracy` of
         `images` (decoded renders it was not fitted on): the attributes a generation can be checked on."""
         return {size: tuple(k for k in ATTRIBUTES if acc[k] >= min_accuracy)

@@ -137,8 +137,9 @@ def check_mitigation(
         return generate(pipe, texts.tolist(), settings.n_per_prompt, settings.gen_seed, **gen)
 
     table = mem[["prompt_id", "prompt", "rewritten", "status", "score_before", "score_after", "similarity"]].copy()
-    table["copy_before"], table["agree_before"], table["agree_before_all"] = measure(from_text(mem["prompt"]), mem, wanted)
-    table["copy_after"], table["agree_after"], table["agree_after_all"] = measure(from_text(mem["rewritten"]), mem, wanted)
+    for variant, column in (("before", "prompt"), ("after", "rewritten")):
+        (table[f"copy_{variant}"], table[f"agree_{variant}"],
+         table[f"agree_{variant}_all"]) = measure(from_text(mem[column]), mem, wanted)
     # the yardstick: the best a rewrite can do here is the caption's description alone
     table["description"] = [describe(a["shape"], a["colour"], a["size"]) for a in wanted]
     (table["copy_description"], table["agree_description"],
