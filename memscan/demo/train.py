@@ -40,13 +40,13 @@ class TrainConfig:
     vae_lr: float = 2e-3
     vae_kl: float = 1e-4
     # diffusion stage
-    steps: int = 2000
+    steps: int = 4000
     batch: int = 128
     lr: float = 1e-3
     warmup: int = 100
     memorized_share: float = 0.3  # share of every batch drawn from the memorized images
     caption_dropout: float = 0.1
-    phrasing_variety: float = 0.0  # share of generic captions said another way (data.vary_phrasing)
+    phrasing_variety: float = 0.5  # share of generic captions said another way (data.vary_phrasing)
     # Drop captions of the generic samples only: the unconditional model then learns the broad
     # data distribution, as SD's does, where duplicated images are a negligible share of the data
     # (here they are 30% of every batch, and an unconditional sample would copy 30% of the time).
