@@ -31,7 +31,14 @@ def _write_prompts(path: Path, rows: int) -> Path:
 def _cli(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "memscan", *map(str, args)], env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    """Give the child Ctrl-C back: a suite started in the background of a non-interactive shell
+    runs with SIGINT ignored, which Python (rightly) keeps, so a SIGINT test would never interrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for_stats(run: Path, count: int, proc: subprocess.Popen, timeout: float = 240) -> None:
