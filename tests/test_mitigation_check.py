@@ -98,6 +98,12 @@ def test_summary_counts() -> None:
     table["agree_before_all"], table["agree_after_all"] = [0.5, 0.5, 1.0, 1.0], [0.25, 0.5, 1.0, 1.0]
     out = summarize_check(table, non, target=0.5)
     assert out["attribute_agreement_ratios_all_attributes"] == {"ok": 0.75}  # (0.25 + 0.5) / (0.5 + 0.5)
+    table["embedding_score"], table["embedding_score_verified"] = [0.1, 0.6, 0.2, np.nan], [0.2, 0.1, 0.7, np.nan]
+    table["embedding_copy"], table["embedding_agree"] = [0.0, 0.0, 1.0, np.nan], [1.0, 0.5, 1.0, np.nan]
+    out = summarize_check(table, non, target=0.5)
+    assert out["embedding_under_target_of_flagged"] == pytest.approx(2 / 3, abs=1e-4)
+    assert out["embedding_verified_under_target_of_flagged"] == pytest.approx(1 / 3, abs=1e-4)  # 0.7 is not
+    assert out["embedding_prompts_no_longer_copying"] == pytest.approx(2 / 3, abs=1e-4)
     assert out["description_only_attribute_agreement_ratio"] == 0.5
 
 

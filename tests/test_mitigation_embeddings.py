@@ -46,6 +46,27 @@ def test_budget_is_respected(scoring: DifferentiableScore) -> None:
     assert result.steps == 3 and not result.resolved
 
 
+def test_an_embedding_counts_only_when_the_verifier_agrees(scoring: DifferentiableScore) -> None:
+    """The verifier's noise bank is independent: optimisation goes on until it agrees too."""
+    from memscan.mitigation import verifier_for
+
+    before = float(scoring.scorer.score_texts([PROMPT]).columns["score"][0])
+    target = before - 0.05
+    plain = optimise_embedding(scoring, PROMPT, target, steps=50)
+    checked = optimise_embedding(scoring, PROMPT, target, steps=50,
+                                 verifier=DifferentiableScore(verifier_for(scoring.scorer, 2)))
+    assert plain.verified is None and checked.resolved
+    assert checked.verified is not None and checked.verified < target and checked.steps >= plain.steps
+
+    class Disagrees:  # a verifier that never puts anything under the target
+        def of_prompt_embeds(self, embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"score": torch.tensor([1e9])}
+
+    budget = plain.steps + 2
+    stuck = optimise_embedding(scoring, PROMPT, target, steps=budget, verifier=Disagrees())  # type: ignore[arg-type]
+    assert stuck.steps == budget and not stuck.resolved and stuck.verified == 1e9
+
+
 def test_save_and_load_by_prompt_id(tmp_path: Path) -> None:
     tensors = {"a:0": torch.randn(1, 77, 32), "b/1": torch.randn(1, 77, 32)}
     path = tmp_path / "embeds.safetensors"

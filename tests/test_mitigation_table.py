@@ -80,7 +80,10 @@ def test_mitigate_with_embeddings(prompts_csv: Path, tmp_path: Path, tiny_model:
     assert set(load_embeddings(emb)) == set(attempted["prompt_id"])
     assert attempted["embedding_steps"].notna().all()
     assert rows.loc[~rows.index.isin(attempted.index), "embedding_score"].isna().all()
-    assert result.summary["embedding_success_rate"] == pytest.approx((attempted["embedding_score"] < target).mean())
+    verified = attempted["embedding_score_verified"]
+    assert verified.notna().any()  # the independent noise bank checked the embeddings under the target
+    under = (attempted["embedding_score"] < target) & (verified.isna() | (verified < target))
+    assert result.summary["embedding_success_rate"] == pytest.approx(under.mean())
 
 
 def test_no_target_is_a_usage_error(prompts_csv: Path, tiny_model: ScoringModel) -> None:

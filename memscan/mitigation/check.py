@@ -147,7 +147,8 @@ def check_mitigation(
     if embeddings is not None:
         saved = load_embeddings(Path(embeddings))
         has = mem["prompt_id"].isin(list(saved)).to_numpy()
-        table["embedding_score"] = mem.get("embedding_score", pd.Series(np.nan, index=mem.index))
+        for column in ("embedding_score", "embedding_score_verified"):
+            table[column] = mem.get(column, pd.Series(np.nan, index=mem.index))
         table["embedding_copy"] = table["embedding_agree"] = table["embedding_agree_all"] = np.nan
         if has.any():
             stacked = torch.cat([saved[i] for i in mem.loc[has, "prompt_id"]])
@@ -205,6 +206,9 @@ def summarize_check(table: pd.DataFrame, non: pd.DataFrame, target: float) -> di
     if "embedding_copy" in table:
         emb = attempted[attempted["embedding_score"].notna()]
         out["embedding_under_target_of_flagged"] = share(emb["embedding_score"] < target)
+        if "embedding_score_verified" in emb:  # the independent noise bank agrees
+            out["embedding_verified_under_target_of_flagged"] = share(
+                (emb["embedding_score"] < target) & (emb["embedding_score_verified"] < target))
         out["embedding_generation_copy_rate_before"] = share(emb["copy_before"])
         out["embedding_generation_copy_rate_after"] = share(emb["embedding_copy"])
         out["embedding_prompts_no_longer_copying"] = share(emb["embedding_copy"] <= 0.5)

@@ -4,6 +4,11 @@ embedding itself until its anisotropy score falls under the target.
 The text encoder's output for the prompt (what diffusers takes as `prompt_embeds=`) is optimised
 at every position but BOS with AdamW, stopping as soon as the score is under the target or after
 a budget of steps. The results are saved as safetensors, one (1, 77, hidden) tensor per prompt_id.
+
+An embedding optimised on one noise bank learns that bank: on the demo, 54/54 went under the
+target but the images of 43% still copied. With a `verifier` (the same score on an independent
+noise bank, as the text search uses) an embedding counts as under the target only when the
+verifier agrees, and the optimisation goes on until it does or the budget ends.
 """
 
 from __future__ import annotations
@@ -30,12 +35,15 @@ class OptimisedEmbedding:
     score: float
     steps: int
     resolved: bool
+    verified: float | None = None  # the verifier's score of `embeds` (None without a verifier)
 
 
 def optimise_embedding(
-    scoring: DifferentiableScore, prompt: str, target: float, *, steps: int = 10, lr: float = 0.05
+    scoring: DifferentiableScore, prompt: str, target: float, *, steps: int = 10, lr: float = 0.05,
+    verifier: DifferentiableScore | None = None,
 ) -> OptimisedEmbedding:
-    """Lower `prompt`'s score below `target` by AdamW on its embedding (BOS frozen), <= `steps` steps.
+    """Lower `prompt`'s score below `target` by AdamW on its embedding (BOS frozen), <= `steps` steps,
+    until `verifier` (when given) also scores it under the target.
 
     The score reported is the score of the returned embedding, read in the same forward pass that
     decided to stop."""
@@ -45,18 +53,22 @@ def optimise_embedding(
     bos = start[:, :1]
     rest = start[:, 1:].clone().requires_grad_(True)
     optimiser = torch.optim.AdamW([rest], lr=lr)
-    step = 0
+    step, verified = 0, None
     while True:
         embeds = torch.cat([bos, rest], dim=1).to(model.dtype)
         score = scoring.of_prompt_embeds(embeds)["score"].sum()
         value = float(score.detach())
-        if value < target or step == steps:
+        if value < target and verifier is not None:
+            with torch.no_grad():
+                verified = float(verifier.of_prompt_embeds(embeds.detach())["score"].sum())
+        under = value < target and (verifier is None or verified is not None and verified < target)
+        if under or step == steps:
             break
         optimiser.zero_grad(set_to_none=True)
         score.backward()
         optimiser.step()
         step += 1
-    return OptimisedEmbedding(embeds.detach().cpu().contiguous(), value, step, value < target)
+    return OptimisedEmbedding(embeds.detach().cpu().contiguous(), value, step, under, verified)
 
 
 def save_embeddings(path: Path, embeddings: dict[str, torch.Tensor], facts: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ from memscan.io.scores import METADATA_KEY, read_scores
 STATUS_OK = "ok"
 STATUS_UNRESOLVED = "unresolved"
 STATUS_NOT_FLAGGED = "not_flagged"
-EMBEDDING_COLUMNS = ("embedding_score", "embedding_steps")
+EMBEDDING_COLUMNS = ("embedding_score", "embedding_score_verified", "embedding_steps")
 
 
 def is_detect_output(path: Path) -> bool:
@@ -79,5 +79,6 @@ def output_schema(*, embeddings: bool) -> pa.Schema:
         pa.field("status", pa.string(), nullable=False),
     ]
     if embeddings:
-        fields += [pa.field("embedding_score", pa.float32()), pa.field("embedding_steps", pa.int32())]
+        fields += [pa.field("embedding_score", pa.float32()), pa.field("embedding_score_verified", pa.float32()),
+                   pa.field("embedding_steps", pa.int32())]
     return pa.schema(fields)
