@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memscan.errors import ModelError, UsageError
+from memscan.errors import ModelError, ModelNotCachedError, UsageError
 from memscan.mitigation import MitigateSettings
 from memscan.mitigation.similarity import (
     cosine_to,
@@ -42,9 +42,19 @@ def test_tokens_is_the_mean_state_of_the_prompts_tokens_after_bos(tiny_model: Sc
     assert cosine_to(got[0], got)[0] == pytest.approx(1.0)
 
 
-def test_an_unknown_similarity_is_a_model_that_does_not_load(tiny_model: ScoringModel, tmp_path) -> None:
+def test_an_unknown_similarity_is_a_model_that_does_not_load(
+    tiny_model: ScoringModel, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(ModelError, match="similarity model .*bleu"):
         sentence_embeddings(tiny_model, TEXTS, str(tmp_path / "bleu"))
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as a user without network sets it (else the hub retries)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelNotCachedError, match="similarity model 'nosuch/judge' is not in the local") as info:
+        sentence_embeddings(tiny_model, TEXTS, "nosuch/judge")
+    assert "\n" not in str(info.value)
     with pytest.raises(UsageError, match="--similarity"):
         MitigateSettings(similarity=" ")
 

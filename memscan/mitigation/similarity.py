@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memscan.errors import ModelError, UsageError, one_line
+from memscan.errors import ModelError, ModelNotCachedError, UsageError, one_line
 from memscan.models.loading import ScoringModel
 from memscan.models.profiles import TEXT_SIMILARITIES as SIMILARITIES
 from memscan.models.text import run_text_encoder, tokenize
@@ -74,12 +74,21 @@ class TextJudge:
     normalised text embeddings says how close two prompts are, as CLIP's does for SD."""
 
     def __init__(self, source: str) -> None:
+        from huggingface_hub.errors import LocalEntryNotFoundError
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
+        from memscan.models.loading import is_offline_miss, quiet_libraries
+
+        quiet_libraries()
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(source)
-            self.model = CLIPTextModelWithProjection.from_pretrained(source, torch_dtype=torch.float32).eval()
+            self.model = CLIPTextModelWithProjection.from_pretrained(source).float().eval()  # judge in float32
         except (OSError, ValueError) as exc:
+            if is_offline_miss(exc, LocalEntryNotFoundError):
+                raise ModelNotCachedError(
+                    f"similarity model {source!r} is not in the local Hugging Face cache and the hub cannot be "
+                    "reached; pass a local folder (--similarity /path/to/clip-text-model) or run once online"
+                ) from exc
             raise ModelError(f"cannot load the similarity model {source!r}: {one_line(exc)}") from exc
 
     @torch.inference_mode()

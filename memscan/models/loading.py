@@ -45,6 +45,9 @@ def quiet_libraries() -> None:
 
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
+    import huggingface_hub
+
+    huggingface_hub.utils.logging.set_verbosity_error()  # no "thrown while requesting HEAD" retries
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -134,7 +137,7 @@ def _load_pretrained(
     except RepositoryNotFoundError as exc:
         raise ModelError(f"model {source!r} was not found on the hub (nor as a local path)") from exc
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-        if _is_offline_miss(exc, LocalEntryNotFoundError):
+        if is_offline_miss(exc, LocalEntryNotFoundError):
             raise ModelNotCachedError(
                 f"model {source!r} is not in the local Hugging Face cache and the hub cannot be reached; "
                 "pass a local copy (--model /path/to/diffusers-folder or model.safetensors) "
@@ -147,7 +150,7 @@ def _load_pretrained(
 _OFFLINE_HINTS = ("not fully cached", "cached snapshot", "offline", "connect", "resolve host", "network")
 
 
-def _is_offline_miss(exc: BaseException, local_miss: type[BaseException]) -> bool:
+def is_offline_miss(exc: BaseException, local_miss: type[BaseException]) -> bool:
     """Whether a load failed because the hub was unreachable and the files are not cached."""
     seen: BaseException | None = exc
     while seen is not None:
