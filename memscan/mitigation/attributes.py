@@ -104,8 +104,12 @@ class AttributeReader:
     ) -> dict[str, tuple[str, ...]]:
         """Per object size, the attributes the reader reads right on at least `min_accuracy` of
         `images` (decoded renders it was not fitted on): the attributes a generation can be checked on."""
-        return {size: tuple(k for k in ATTRIBUTES if acc[k] >= min_accuracy)
-                for size, acc in self.accuracy_by_size(images, attrs).items()}
+        return readable_attributes(self.accuracy_by_size(images, attrs), min_accuracy)
+
+
+def readable_attributes(by_size: Mapping[str, Mapping[str, float]], min_accuracy: float) -> dict[str, tuple[str, ...]]:
+    """Per object size, the attributes whose accuracy in `by_size` reaches `min_accuracy`."""
+    return {size: tuple(k for k in ATTRIBUTES if acc[k] >= min_accuracy) for size, acc in by_size.items()}
 
 
 def decoded_renders(decode: Decode | None, *, n: int, seed: int) -> tuple[np.ndarray, list[Attributes]]:

@@ -41,7 +41,13 @@ import torch
 
 from memscan.errors import InputError, MemscanError, one_line
 from memscan.io.scores import read_scores
-from memscan.mitigation.attributes import ATTRIBUTES, AttributeReader, agreement, decoded_renders
+from memscan.mitigation.attributes import (
+    ATTRIBUTES,
+    AttributeReader,
+    agreement,
+    decoded_renders,
+    readable_attributes,
+)
 from memscan.mitigation.table import STATUS_NOT_FLAGGED, STATUS_OK, STATUS_UNRESOLVED
 
 LABEL_COLUMNS = ("label", "kind", "train_image_id")
@@ -126,7 +132,8 @@ def check_mitigation(
     decode = partial(vae_roundtrip, pipe)
     reader = AttributeReader.calibrated(decode, n=settings.reader_renders, seed=settings.gen_seed)
     held_out = decoded_renders(decode, n=settings.reader_holdout, seed=settings.gen_seed + 1)
-    checked = reader.readable(*held_out, settings.min_reader_accuracy)
+    by_size = reader.accuracy_by_size(*held_out)  # measured once: it decides and it is reported
+    checked = readable_attributes(by_size, settings.min_reader_accuracy)
     gen = {"steps": settings.steps, "guidance": settings.guidance, "batch_size": settings.batch_size}
 
     def measure(images: np.ndarray, rows: pd.DataFrame, asked: list[dict[str, str]]) -> tuple[np.ndarray, ...]:
@@ -160,7 +167,7 @@ def check_mitigation(
     summary = summarize_check(table, non, target)
     summary["reader_accuracy_on_decoded_renders"] = {k: round(v, 4) for k, v in reader.accuracy(*held_out).items()}
     summary["reader_accuracy_by_size"] = {size: {k: round(v, 4) for k, v in acc.items()}
-                                          for size, acc in reader.accuracy_by_size(*held_out).items()}
+                                          for size, acc in by_size.items()}
     summary["checked_attributes"] = {size: list(keys) for size, keys in checked.items()}
     summary["settings"] = settings.__dict__
     return table, summary

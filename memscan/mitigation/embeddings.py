@@ -35,7 +35,7 @@ class OptimisedEmbedding:
     score: float
     steps: int
     resolved: bool
-    verified: float | None = None  # the verifier's score of `embeds` (None without a verifier)
+    verified: float | None = None  # the verifier's score of `embeds` (None: no verifier, or not under target)
 
 
 def optimise_embedding(
@@ -53,11 +53,12 @@ def optimise_embedding(
     bos = start[:, :1]
     rest = start[:, 1:].clone().requires_grad_(True)
     optimiser = torch.optim.AdamW([rest], lr=lr)
-    step, verified = 0, None
+    step = 0
     while True:
         embeds = torch.cat([bos, rest], dim=1).to(model.dtype)
         score = scoring.of_prompt_embeds(embeds)["score"].sum()
         value = float(score.detach())
+        verified = None  # the verifier's score of these very embeds, asked only under the target
         if value < target and verifier is not None:
             with torch.no_grad():
                 verified = float(verifier.of_prompt_embeds(embeds.detach())["score"].sum())

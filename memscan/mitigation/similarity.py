@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -64,8 +65,6 @@ def check_similarity(kind: str) -> None:
 
 def resolve_similarity(kind: str) -> str:
     """`kind` as every worker must see it: a local judge folder as an absolute path."""
-    from pathlib import Path
-
     return kind if kind in SIMILARITIES or not Path(kind).exists() else str(Path(kind).resolve())
 
 
