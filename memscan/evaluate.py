@@ -4,8 +4,10 @@ Metrics: ROC AUC and TPR at a target FPR under the two conventions the literatur
 both read off scikit-learn's `roc_curve` (default `drop_intermediate=True`, as both papers' code):
 
   closest  the ROC point whose FPR is closest to the target (the anisotropy reference code,
-           `argmin |fpr - target|`); its FPR may exceed the target, and where the curve rises
-           vertically at that FPR, argmin takes the first (lowest-TPR) point, as the reference does;
+           `argmin |fpr - target|`); its FPR may exceed the target. Among equally close points
+           (the bottom and top of a vertical step, as on every perfect separator) it takes the
+           highest TPR, where the reference's argmin takes the first (lowest-TPR) one and reads 0
+           next to AUC 1: the two differ only on such ties;
   below    the last ROC point with FPR strictly below the target (Wen et al.).
 
 Each point comes with the threshold that reproduces it under memscan's flag rule `score > threshold`.
@@ -37,9 +39,8 @@ from memscan.models.profiles import ModelProfile
 
 Convention = Literal["closest", "below"]
 CONVENTIONS: dict[str, str] = {
-    "closest": "ROC point with FPR closest to the target, the first on ties (anisotropy reference code): "
-               "its FPR may exceed the target, and where the curve rises vertically at that FPR it takes the "
-               "bottom, so a perfect separation reads 0",
+    "closest": "ROC point with FPR closest to the target (anisotropy reference code), the highest TPR among "
+               "equally close points (the reference takes the first): its FPR may exceed the target",
     "below": "last ROC point with FPR strictly below the target (Wen et al.)",
 }
 DEFAULT_TARGETS = (0.01, 0.03)
@@ -212,7 +213,9 @@ def operating_point(
     """The ROC point for `target_fpr` under `convention` ('closest' or 'below')."""
     _check_target(target_fpr)
     if convention == "closest":
-        index = int(np.argmin(np.abs(fpr - target_fpr)))
+        gap = np.abs(fpr - target_fpr)
+        tied = np.flatnonzero(gap == gap.min())
+        index = int(tied[np.argmax(tpr[tied])])  # the reference's argmin is tied[0]; they differ only on ties
     elif convention == "below":
         index = int(np.flatnonzero(fpr < target_fpr)[-1])  # fpr[0] == 0, so one always exists
     else:

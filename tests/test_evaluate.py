@@ -57,7 +57,12 @@ def test_metrics_match_sklearn_and_brute_force(seed: int, ties: bool) -> None:
     fpr, tpr, _ = roc_curve(labels, scores)
     for target in (0.01, 0.03, 0.1):
         closest = result.point(target, "closest")
-        assert closest.tpr == tpr[np.argmin(np.abs(fpr - target))]  # the reference code's formula
+        gap = np.abs(fpr - target)
+        reference = tpr[np.argmin(gap)]  # the reference code's formula: the first of equally close points
+        if (gap == gap.min()).sum() == 1:
+            assert closest.tpr == reference  # no tie: exactly the reference's point
+        else:
+            assert closest.tpr == tpr[gap == gap.min()].max() >= reference  # a tie: its highest TPR
         below = result.point(target, "below")
         assert below.tpr == tpr[np.where(fpr < target)[0][-1]]  # Wen et al.'s formula
         assert below.tpr == pytest.approx(_brute_best_tpr_below(labels, scores, target))
@@ -76,8 +81,34 @@ def test_closest_may_exceed_the_target_and_below_never_does() -> None:
     result = evaluate(labels, scores, targets=(0.04,))
     closest, below = result.point(0.04, "closest"), result.point(0.04, "below")
     assert closest.fpr == pytest.approx(0.05)  # 5% is closer to 4% than 0% is: above the target
-    assert closest.tpr == pytest.approx(1 / 3)  # argmin takes the first point at that FPR, as the reference
+    assert closest.tpr == 1.0  # of the two points at that FPR the higher (the reference's argmin: 1/3)
     assert (below.fpr, below.tpr) == (0.0, pytest.approx(1 / 3))
+
+
+def test_closest_takes_the_highest_tpr_among_equally_close_points() -> None:
+    """A perfect separator: ROC (0, 0) (0, 1) (1, 1); (0, 0) and (0, 1) are equally close to 1%
+    FPR, and the reference's argmin took (0, 0): TPR 0 next to AUC 1."""
+    labels = np.r_[np.ones(5), np.zeros(200)]
+    scores = np.r_[np.linspace(2, 3, 5), np.linspace(0, 1, 200)]
+    result = evaluate(labels, scores)
+    assert result.auc == 1.0
+    for target in (0.01, 0.03):
+        closest = result.point(target, "closest")
+        assert (closest.tpr, closest.fpr) == (1.0, 0.0)
+        assert 1.0 < closest.threshold < 2.0  # the flag rule reproduces it
+
+
+def test_closest_without_ties_is_the_reference_argmin() -> None:
+    """Where one ROC point is strictly closest (here a diagonal step: a memorized and a clean prompt
+    share a score), memscan takes the reference's argmin point."""
+    labels = np.r_[np.ones(2), np.zeros(100)]
+    scores = np.r_[[97.0, 50.0], np.arange(100.0)]  # ROC (0,0) (.01,0) (.02,0) (.03,.5) (.49,.5) (.5,1) (1,1)
+    fpr, tpr, _ = roc_curve(labels, scores)
+    for target, expected in ((0.03, (0.5, 0.03)), (0.045, (0.5, 0.03)), (0.3, (0.5, 0.49))):
+        gap = np.abs(fpr - target)
+        assert (gap == gap.min()).sum() == 1
+        closest = evaluate(labels, scores, targets=(target,)).point(target, "closest")
+        assert (closest.tpr, closest.fpr) == (tpr[np.argmin(gap)], fpr[np.argmin(gap)]) == expected
 
 
 @pytest.mark.parametrize("labels", [[1, 1, 1], [0, 0, 0], [], [np.nan, 1, 1]])
