@@ -150,6 +150,7 @@ def detect(
     w_norm: Annotated[float | None, typer.Option("--w-norm", help="Weight of the norm term (default: the profile's).")] = None,
     w_align: Annotated[float | None, typer.Option("--w-align", help="Weight of the alignment term (default: the profile's).")] = None,
     v_convention: Annotated[str | None, typer.Option("--v-convention", help="v-prediction models: epsilon (convert v to eps) or raw (score raw v, as the reference code).")] = None,
+    norm_scale: Annotated[str | None, typer.Option("--norm-scale", help="Norm term: none, or reference-v (x sqrt(abar)/(1-abar) at t_hi, the reference code's SD 2 / Realistic Vision branch) (default: the profile's).")] = None,
     architecture: Annotated[str | None, typer.Option(help="Config folder for a single-file checkpoint: sd-v1, sd-v2, sd-v2-base.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .ckpt/.bin checkpoints (they can run code).")] = False,
     prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="Prompt column (default: prompt, caption or text).")] = None,
@@ -173,6 +174,7 @@ def detect(
         settings = DetectSettings(
             model=model, method=method, n_noise=n_noise, seed=seed, batch_size=batch_size, device=device,
             dtype=dtype, threshold=threshold, w_norm=w_norm, w_align=w_align, v_convention=v_convention,
+            norm_scale=norm_scale,
             architecture=architecture, allow_pickle=allow_pickle, prompt_column=prompt_column,
             id_column=id_column, store_prompt=store_prompt,
         )
@@ -466,6 +468,7 @@ def mitigate_cmd(
     w_norm: Annotated[float | None, typer.Option("--w-norm", help="Weight of the norm term (default: the profile's).")] = None,
     w_align: Annotated[float | None, typer.Option("--w-align", help="Weight of the alignment term (default: the profile's).")] = None,
     v_convention: Annotated[str | None, typer.Option("--v-convention", help="v-prediction models: epsilon (convert v to eps) or raw (score raw v, as the reference code).")] = None,
+    norm_scale: Annotated[str | None, typer.Option("--norm-scale", help="Norm term: none, or reference-v (x sqrt(abar)/(1-abar) at t_hi, the reference code's SD 2 / Realistic Vision branch) (default: the profile's).")] = None,
     architecture: Annotated[str | None, typer.Option(help="Config folder for a single-file checkpoint: sd-v1, sd-v2, sd-v2-base.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .ckpt/.bin checkpoints (they can run code).")] = False,
     prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="Prompt column (default: prompt, caption or text).")] = None,
@@ -486,6 +489,7 @@ def mitigate_cmd(
         settings = MitigateSettings(
             detect=DetectSettings(model=model, n_noise=n_noise, seed=seed, batch_size=batch_size, device=device,
                                   dtype=dtype, w_norm=w_norm, w_align=w_align, v_convention=v_convention,
+                                  norm_scale=norm_scale,
                                   architecture=architecture, allow_pickle=allow_pickle,
                                   prompt_column=prompt_column, id_column=id_column),
             target=target, min_similarity=min_similarity, beam_width=beam_width, max_edits=max_edits,

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from memscan.errors import UsageError
+from memscan.models.profiles import NORM_SCALES
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class DetectSettings:
     w_norm: float | None = None
     w_align: float | None = None
     v_convention: str | None = None
+    norm_scale: str | None = None
     architecture: str | None = None
     allow_pickle: bool = False
     prompt_column: str | None = None
@@ -42,12 +44,14 @@ class DetectSettings:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.v_convention not in (None, "epsilon", "raw"):
             raise UsageError(f"--v-convention {self.v_convention!r}: use epsilon or raw")
+        if self.norm_scale not in (None, *NORM_SCALES):
+            raise UsageError(f"--norm-scale {self.norm_scale!r}: use {' or '.join(NORM_SCALES)}")
 
     def profile_overrides(self) -> dict[str, Any]:
         """The flags that override fields of the model profile."""
         return {
             "w_norm": self.w_norm, "w_align": self.w_align,
-            "threshold": self.threshold, "v_convention": self.v_convention,
+            "threshold": self.threshold, "v_convention": self.v_convention, "norm_scale": self.norm_scale,
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -77,6 +77,10 @@ def applicable_threshold(settings: DetectSettings, profile: ModelProfile, method
         reasons.append(f"it was calibrated with n_noise={calibration['n_noise']}, not {settings.n_noise}")
     if settings.w_norm is not None or settings.w_align is not None:
         reasons.append("--w-norm/--w-align change the score it was calibrated on")
+    if settings.norm_scale is not None:
+        reasons.append("--norm-scale changes the score it was calibrated on")
+    if settings.v_convention is not None and profile.prediction_type == "v_prediction":
+        reasons.append("--v-convention changes the score it was calibrated on")
     if reasons:
         log.warning("not flagging with the profile's threshold: %s; pass --threshold to set one", "; ".join(reasons))
         return None

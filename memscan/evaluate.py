@@ -390,7 +390,9 @@ def calibrate(
 
 # --------------------------------------------------------------------------------------- profiles
 
-_SCORING_KEYS = ("num_inference_steps", "t_hi_index", "t_lo_index", "w_norm", "w_align", "threshold", "v_convention")
+_SCORING_KEYS = (
+    "num_inference_steps", "t_hi_index", "t_lo_index", "w_norm", "w_align", "threshold", "v_convention", "norm_scale",
+)
 
 
 def base_profile(facts: dict[str, Any], model: str | None = None) -> ModelProfile:
@@ -426,7 +428,7 @@ def calibrated_profile(
     changes: dict[str, Any] = {"name": name, "threshold": result.threshold, "description": description}
     if result.w_norm is not None:
         changes.update(w_norm=result.w_norm, w_align=result.w_align)
-    for key in ("v_convention", "num_inference_steps", "t_hi_index", "t_lo_index"):
+    for key in ("v_convention", "norm_scale", "num_inference_steps", "t_hi_index", "t_lo_index"):
         if facts.get(key) is not None:
             changes[key] = facts[key]
     return replace(base, **changes, calibration={k: v for k, v in record.items() if v is not None})

@@ -144,7 +144,7 @@ def _top_table(item: ReportInput, top: int) -> str:
 
 def _facts(item: ReportInput) -> str:
     keys = ("model", "source", "method", "prediction_type", "n_noise", "seed", "dtype", "w_norm", "w_align",
-            "steps", "v_convention", "threshold", "memscan_version")
+            "steps", "v_convention", "norm_scale", "threshold", "memscan_version")
     shown = {k: item.facts[k] for k in keys if item.facts.get(k) is not None}
     text = " · ".join(f"{k}: <code>{html.escape(str(v))}</code>" for k, v in shown.items())
     return f"<p class='facts'>{text}</p>"

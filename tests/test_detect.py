@@ -78,3 +78,14 @@ def test_a_calibrated_threshold_only_applies_to_what_it_was_calibrated_for(tiny_
     assert applicable_threshold(DetectSettings(w_align=0.0), profile, "anisotropy") is None
     explicit = profile.with_overrides(threshold=2.0)
     assert applicable_threshold(DetectSettings(method="wen", threshold=2.0), explicit, "wen") == 2.0
+
+
+def test_norm_scale_flag_drops_a_calibrated_threshold(tiny_model: ScoringModel) -> None:
+    """A threshold holds only for the score it was calibrated on; --norm-scale changes that score."""
+    from memscan.detect import applicable_threshold
+
+    profile = tiny_model.profile.with_overrides(threshold=0.5)
+    assert applicable_threshold(DetectSettings(), profile, "anisotropy") == 0.5
+    assert applicable_threshold(DetectSettings(norm_scale="reference-v"), profile, "anisotropy") is None
+    with pytest.raises(UsageError, match="norm-scale"):
+        DetectSettings(norm_scale="snr")

@@ -29,6 +29,19 @@ def test_family_settings() -> None:
     assert (v2.prediction_type, v2.resolution, v2.pad_token, v2.v_convention) == ("v_prediction", 768, "!", "raw")
     assert (v2.w_norm, v2.w_align) == (1.0, 0.1)
     assert (rv.w_norm, rv.w_align) == (2.0, 1.0)
+    # the reference's sd_ver != 1 branch for both of its other models (tests/test_reference_profiles.py)
+    assert (v1.norm_scale, v2.norm_scale, rv.norm_scale) == ("none", "reference-v", "reference-v")
+
+
+def test_profile_less_v_models_get_the_sd_v2_score() -> None:
+    """A v-prediction folder without a profile takes sd-v2's weights AND the terms they were fitted on."""
+    from memscan.models.profiles import default_profile_for
+
+    v = default_profile_for("some/v-model", "v_prediction")
+    sd2 = load_profile("sd-v2")
+    assert (v.w_norm, v.w_align, v.v_convention, v.norm_scale) == (sd2.w_norm, sd2.w_align, "raw", "reference-v")
+    eps = default_profile_for("some/eps-model")
+    assert (eps.w_norm, eps.w_align, eps.norm_scale) == (1.0, 2.0, "none")
 
 
 def test_unknown_profile_lists_the_available_ones() -> None:
@@ -43,6 +56,7 @@ def test_bad_profiles_are_config_errors(tmp_path: Path) -> None:
         "pred.toml": 'source = "x/y"\nprediction_type = "sample"\n',
         "similarity.toml": 'source = "x/y"\n[mitigation]\ntext_similarity = " "\n',
         "broken.toml": "source = \n",
+        "scale.toml": 'source = "x/y"\n[scoring]\nnorm_scale = "snr"\n',
     }
     for name, text in cases.items():
         (tmp_path / name).write_text(text)

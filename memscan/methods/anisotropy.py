@@ -1,9 +1,11 @@
 """The anisotropy memorization score (Asthana & Belagiannis, ICLR 2026).
 
 On ONE pure-noise latent x_T per noise sample, with guidance vector g = pred(c) - pred(∅):
-  norm      = || g(x_T, t_hi) ||_2                      (isotropic, high-noise regime)
+  norm      = s * || g(x_T, t_hi) ||_2                  (isotropic, high-noise regime)
   alignment = mean over latent pixels of cos(u, g) across channels at t_lo, u = pred(∅)
   score     = w_norm * norm + w_align * alignment       (averaged over the n noise samples)
+s = 1, or sqrt(abar_t_hi) / (1 - abar_t_hi) with `norm_scale = "reference-v"` (the reference
+code's branch for SD 2 and Realistic Vision; see memscan.models.profiles.NormScale).
 Timesteps are read off the DDIM schedule for `num_inference_steps` steps (SD: 981 and 41).
 The unconditional predictions do not depend on the prompt, so they are computed once per
 noise bank (`prepare`) and every prompt costs 2n conditional UNet evaluations.
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from memscan.models.loading import ScoringModel
-from memscan.models.profiles import ModelProfile, VConvention
+from memscan.models.profiles import ModelProfile, NormScale, VConvention
 
 
 def channel_cosine(u: torch.Tensor, g: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -34,6 +36,15 @@ def timestep_pair(model: ScoringModel, steps: int, hi_index: int, lo_index: int)
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps
     return int(timesteps[hi_index]), int(timesteps[lo_index])
+
+
+def norm_scale_factor(model: ScoringModel, t: int, norm_scale: NormScale) -> float:
+    """The factor on ||pred_c - pred_u|| at timestep t: 1, or the reference code's v-branch
+    sqrt(abar_t) / (1 - abar_t) (its score difference (sqrt(abar_t) * out - x_t) / (1 - abar_t))."""
+    if norm_scale == "none":
+        return 1.0
+    abar = model.scheduler.alphas_cumprod[t].double()
+    return float(abar.sqrt() / (1.0 - abar))
 
 
 def unet_prediction(
@@ -61,6 +72,7 @@ class UnconditionalState:
     t_lo: int
     uncond_hi: torch.Tensor  # (n, C, H, W) float32
     uncond_lo: torch.Tensor
+    norm_factor: float = 1.0  # norm_scale_factor at t_hi
 
 
 @dataclass
@@ -73,6 +85,7 @@ class AnisotropyMethod:
     t_hi_index: int = 0
     t_lo_index: int = -3
     v_convention: VConvention = "epsilon"
+    norm_scale: NormScale = "none"
 
     name = "anisotropy"
     version = "1"
@@ -83,7 +96,7 @@ class AnisotropyMethod:
         return cls(
             w_norm=profile.w_norm, w_align=profile.w_align,
             num_inference_steps=profile.num_inference_steps, t_hi_index=profile.t_hi_index,
-            t_lo_index=profile.t_lo_index, v_convention=profile.v_convention,
+            t_lo_index=profile.t_lo_index, v_convention=profile.v_convention, norm_scale=profile.norm_scale,
         )
 
     def unet_evals_per_prompt(self, n_noise: int) -> int:
@@ -97,7 +110,7 @@ class AnisotropyMethod:
             "method": self.name, "method_version": self.version, "w_norm": self.w_norm,
             "w_align": self.w_align, "num_inference_steps": self.num_inference_steps,
             "t_hi_index": self.t_hi_index, "t_lo_index": self.t_lo_index,
-            "v_convention": self.v_convention,
+            "v_convention": self.v_convention, "norm_scale": self.norm_scale,
         }
 
     def timesteps(self, model: ScoringModel) -> tuple[int, int]:
@@ -111,7 +124,10 @@ class AnisotropyMethod:
         empty = encode_prompts(model, [""]).expand(2 * n, -1, -1)
         t = _timestep_column(t_hi, t_lo, n, model.device)
         pred = unet_prediction(model, torch.cat([noise, noise]), t, empty, self.v_convention)
-        return UnconditionalState(t_hi=t_hi, t_lo=t_lo, uncond_hi=pred[:n], uncond_lo=pred[n:])
+        return UnconditionalState(
+            t_hi=t_hi, t_lo=t_lo, uncond_hi=pred[:n], uncond_lo=pred[n:],
+            norm_factor=norm_scale_factor(model, t_hi, self.norm_scale),
+        )
 
     def score(
         self, model: ScoringModel, state: UnconditionalState, noise: torch.Tensor,
@@ -127,7 +143,7 @@ class AnisotropyMethod:
         cond_hi, cond_lo = pred[: batch * n], pred[batch * n :]
         guidance_hi = cond_hi - state.uncond_hi.repeat(batch, 1, 1, 1)
         uncond_lo = state.uncond_lo.repeat(batch, 1, 1, 1)
-        norm = guidance_hi.flatten(1).norm(dim=1).view(batch, n).mean(dim=1)
+        norm = (state.norm_factor * guidance_hi.flatten(1).norm(dim=1)).view(batch, n).mean(dim=1)
         alignment = channel_cosine(uncond_lo, cond_lo - uncond_lo).view(batch, n).mean(dim=1)
         return self.combine(norm, alignment)
 
@@ -149,6 +165,7 @@ def reference_score(
     from memscan.models.text import encode_prompts
 
     empty = encode_prompts(model, [""])
+    factor = norm_scale_factor(model, t_hi, method.norm_scale)
     norms, aligns = [], []
     for k in range(noise.shape[0]):
         x = noise[k : k + 1]
@@ -160,7 +177,7 @@ def reference_score(
         g_hi = pred(t_hi, prompt_embeds) - pred(t_hi, empty)
         u_lo = pred(t_lo, empty)
         g_lo = pred(t_lo, prompt_embeds) - u_lo
-        norms.append(float(g_hi.flatten().norm()))
+        norms.append(factor * float(g_hi.flatten().norm()))
         aligns.append(float(channel_cosine(u_lo, g_lo)[0]))
     norm = sum(norms) / len(norms)
     alignment = sum(aligns) / len(aligns)

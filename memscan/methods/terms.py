@@ -1,6 +1,6 @@
 """Each anisotropy term alone (the paper's ablation): `norm` at t_hi, `alignment` at t_lo.
 
-Same definitions, timesteps and v-convention as `anisotropy`, but only the one timestep the term
+Same definitions, timesteps, v-convention and norm scale as `anisotropy`, but only the one timestep the term
 needs is evaluated, so each costs n conditional UNet evaluations per prompt (n shared).
 """
 
@@ -11,9 +11,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from memscan.methods.anisotropy import channel_cosine, timestep_pair, unet_prediction
+from memscan.methods.anisotropy import channel_cosine, norm_scale_factor, timestep_pair, unet_prediction
 from memscan.models.loading import ScoringModel
-from memscan.models.profiles import ModelProfile, VConvention
+from memscan.models.profiles import ModelProfile, NormScale, VConvention
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class TermState:
 
     t: int
     uncond: torch.Tensor  # (n, C, H, W) float32
+    factor: float = 1.0  # the norm's scale at t (see anisotropy.norm_scale_factor); 1 for alignment
 
 
 @dataclass
@@ -32,6 +33,7 @@ class _TermMethod:
     t_hi_index: int = 0
     t_lo_index: int = -3
     v_convention: VConvention = "epsilon"
+    norm_scale: NormScale = "none"
 
     name: ClassVar[str]
     at_t_hi: ClassVar[bool]  # the term's timestep: t_hi (norm) or t_lo (alignment)
@@ -42,7 +44,7 @@ class _TermMethod:
     def from_profile(cls, profile: ModelProfile) -> _TermMethod:
         return cls(
             num_inference_steps=profile.num_inference_steps, t_hi_index=profile.t_hi_index,
-            t_lo_index=profile.t_lo_index, v_convention=profile.v_convention,
+            t_lo_index=profile.t_lo_index, v_convention=profile.v_convention, norm_scale=profile.norm_scale,
         )
 
     def unet_evals_per_prompt(self, n_noise: int) -> int:
@@ -55,6 +57,7 @@ class _TermMethod:
         return {
             "method": self.name, "method_version": self.version, "num_inference_steps": self.num_inference_steps,
             "t_hi_index": self.t_hi_index, "t_lo_index": self.t_lo_index, "v_convention": self.v_convention,
+            "norm_scale": self.norm_scale,
         }
 
     def timestep(self, model: ScoringModel) -> int:
@@ -67,7 +70,8 @@ class _TermMethod:
         t = self.timestep(model)
         empty = encode_prompts(model, [""]).expand(noise.shape[0], -1, -1)
         steps = torch.full((noise.shape[0],), t, device=model.device, dtype=torch.long)
-        return TermState(t=t, uncond=unet_prediction(model, noise, steps, empty, self.v_convention))
+        factor = norm_scale_factor(model, t, self.norm_scale) if self.at_t_hi else 1.0
+        return TermState(t=t, uncond=unet_prediction(model, noise, steps, empty, self.v_convention), factor=factor)
 
     def score(
         self, model: ScoringModel, state: TermState, noise: torch.Tensor, prompt_embeds: torch.Tensor
@@ -78,7 +82,7 @@ class _TermMethod:
             model, noise.repeat(batch, 1, 1, 1), steps, prompt_embeds.repeat_interleave(n, dim=0), self.v_convention
         )
         uncond = state.uncond.repeat(batch, 1, 1, 1)
-        return {"score": self.term(uncond, cond - uncond).view(batch, n).mean(dim=1)}
+        return {"score": (state.factor * self.term(uncond, cond - uncond)).view(batch, n).mean(dim=1)}
 
     def term(self, uncond: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
         """The term per (prompt, noise) row."""

@@ -22,6 +22,13 @@ else:  # pragma: no cover
 
 PredictionType = Literal["epsilon", "v_prediction"]
 VConvention = Literal["epsilon", "raw"]
+# How the norm term is scaled. "none": ||pred_c - pred_u|| as it is (memscan's convention).
+# "reference-v": the reference code's branch for every model but SD 1.x (sd_ver != 1): it takes
+# the norm of its score difference (sqrt(abar_t) * out - x_t) / (1 - abar_t), i.e.
+# sqrt(abar_t) / (1 - abar_t) * ||out_c - out_u|| at t_hi (0.076438 on SD's schedule at t = 981),
+# on the raw model output. Its published SD 2 and Realistic Vision weights apply to that term.
+NormScale = Literal["none", "reference-v"]
+NORM_SCALES = ("none", "reference-v")
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
 CUSTOM_PROFILE = "custom"
@@ -48,6 +55,7 @@ class ModelProfile:
     w_align: float = 1.0
     threshold: float | None = None
     v_convention: VConvention = "epsilon"
+    norm_scale: NormScale = "none"
     text_similarity: str = "pooled"  # mitigate's sentence vector or CLIP text model (memscan.mitigation.similarity)
     calibration: dict[str, Any] = field(default_factory=dict)
 
@@ -65,6 +73,10 @@ class ModelProfile:
             raise ConfigError(
                 f"profile {self.name!r}: v_convention must be one of {_V_CONVENTIONS}, "
                 f"got {self.v_convention!r}"
+            )
+        if self.norm_scale not in NORM_SCALES:
+            raise ConfigError(
+                f"profile {self.name!r}: norm_scale must be one of {NORM_SCALES}, got {self.norm_scale!r}"
             )
         if self.resolution <= 0 or self.resolution % 8:
             raise ConfigError(f"profile {self.name!r}: resolution must be a positive multiple of 8")
@@ -124,11 +136,12 @@ def load_profile(name: str) -> ModelProfile:
 
 
 def default_profile_for(source: str, prediction_type: PredictionType = "epsilon") -> ModelProfile:
-    """A profile for a model given by path or hub id with no shipped profile: reference
-    SD v1.x weights for epsilon models, SD 2.x (768-v) weights for v-prediction ones."""
+    """A profile for a model given by path or hub id with no shipped profile: the `sd-v1-4`
+    profile's score (reference SD v1.x weights on epsilon) for epsilon models, the `sd-v2` profile's
+    (the reference code's v-branch terms, which its 1 / 0.1 weights were fitted on) for v-prediction."""
     if prediction_type == "v_prediction":
         return ModelProfile(
             name=CUSTOM_PROFILE, source=source, prediction_type="v_prediction", resolution=768,
-            pad_token="!", w_norm=1.0, w_align=0.1, v_convention="raw",
+            pad_token="!", w_norm=1.0, w_align=0.1, v_convention="raw", norm_scale="reference-v",
         )
     return ModelProfile(name=CUSTOM_PROFILE, source=source, w_norm=1.0, w_align=2.0)
