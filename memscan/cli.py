@@ -269,6 +269,63 @@ def merge(
         _say(f"{rows} rows -> {output}")
 
 
+@app.command("diff", epilog="\b\nExample:\n  memscan diff yesterday.parquet today.parquet --json --fail-on-new-flagged")
+def diff_cmd(
+    old: Annotated[Path, typer.Argument(help="The earlier audit: a scores .parquet file or a detect run directory.")],
+    new: Annotated[Path, typer.Argument(help="The later audit: a scores .parquet file or a detect run directory.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the changes as JSON on stdout: counts, then each category's entries.")] = False,
+    limit: Annotated[int | None, typer.Option(help="At most N entries per category (default: 10 in the table, all in --json).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 2, not warn, when the two were scored differently (model, threshold, ...).")] = False,
+    fail_on_new_flagged: Annotated[bool, typer.Option("--fail-on-new-flagged", help=f"Exit {EXIT_FLAGGED} when a prompt is newly flagged.")] = False,
+) -> None:
+    """What changed between two audits, matched by prompt_id: newly flagged, no longer flagged, added, removed, unscored."""
+    with cli_errors():
+        from memscan.diff import check_strict, diff_scores
+
+        result = diff_scores(old, new)
+        if strict:
+            check_strict(result)
+        for warning in result.warnings:
+            _say(f"memscan: warning: {warning}")
+        if json_out:
+            typer.echo(json.dumps(result.to_dict(limit), indent=2))
+        if not json_out or stderr.is_terminal:
+            _table_console().print(_diff_table(result, 10 if limit is None else limit))
+        _say(f"memscan: {old} -> {new}: {result.line()}")
+        if fail_on_new_flagged and result.counts["newly_flagged"]:
+            raise typer.Exit(EXIT_FLAGGED)
+
+
+def _diff_table(result: Any, limit: int) -> Table:
+    """Newly flagged, no longer flagged, unscored, added and removed prompts, `limit` of each."""
+    from rich.text import Text
+
+    from memscan.diff import entries
+
+    def cell(score: Any, flagged: Any, status: Any) -> str:
+        if status is None:
+            return "-"
+        if status != "ok":
+            return str(status)
+        return f"{score:.4f}" + (" flagged" if flagged else "")
+
+    def line(value: Any, width: int) -> Text:
+        flat = " ".join(str("" if value is None else value).split())
+        return Text(flat if len(flat) <= width else flat[: width - 1] + "…", no_wrap=True)
+
+    table = Table(title=Text(f"changes {result.old_source} -> {result.new_source}"), title_justify="left")
+    for column in ("change", "prompt_id", "old", "new", "prompt"):
+        table.add_column(column, no_wrap=column != "prompt", overflow="ellipsis")
+    for name in ("newly_flagged", "no_longer_flagged", "unscored", "added", "removed"):
+        frame = result.frames[name]
+        for e in entries(frame.head(limit)):
+            table.add_row(name.replace("_", " "), line(e["prompt_id"], 40), cell(e["old_score"], e["old_flagged"], e["old_status"]),
+                          cell(e["new_score"], e["new_flagged"], e["new_status"]), line(e["prompt"], 80))
+        if len(frame) > limit:
+            table.add_row(name.replace("_", " "), f"... {len(frame) - limit} more", "", "", "")
+    return table
+
+
 @app.command("models")
 def list_models() -> None:
     """List the shipped model profiles."""
