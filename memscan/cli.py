@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from memscan import __version__
 from memscan.demo.cli import demo_app
@@ -117,14 +118,28 @@ def _root(
             ctx.default_map = _load_config(ctx, config)
 
 
-def _top_table(top: list[dict[str, Any]], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
-    table.add_column("#", justify="right")
-    table.add_column("score", justify="right")
-    table.add_column("prompt_id")
-    table.add_column("prompt", overflow="fold")
+PROMPT_CHARS = 120  # a prompt in the top table is cut to one line of at most this many characters
+
+
+def _one_line(text: Any, limit: int = PROMPT_CHARS) -> Text:
+    """A user string as literal text (never markup) on one line, cut with an ellipsis past `limit`."""
+    flat = " ".join(str(text if text is not None else "").split())
+    return Text(flat if len(flat) <= limit else flat[: limit - 1] + "…", no_wrap=True, overflow="ellipsis")
+
+
+def _top_table(top: list[dict[str, Any]], title: str, threshold: float | None = None) -> Table:
+    """The top-scored prompts, one line each (prompts cut, never read as markup), with their flag."""
+    title += f" (threshold {threshold:g})" if threshold is not None else " (no threshold: not calibrated, nothing flagged)"
+    table = Table(title=Text(title), title_justify="left")
+    table.add_column("#", justify="right", no_wrap=True, min_width=2)
+    table.add_column("score", justify="right", no_wrap=True, min_width=8)
+    table.add_column("flag", no_wrap=True, min_width=4)
+    table.add_column("prompt_id", overflow="ellipsis", max_width=40)
+    table.add_column("prompt", overflow="ellipsis")  # wrappable, so it is the column that narrows
     for rank, row in enumerate(top, 1):
-        table.add_row(str(rank), f"{row['score']:.4f}", str(row["prompt_id"]), str(row["prompt"] or ""))
+        flag = row.get("flagged")
+        table.add_row(str(rank), f"{row['score']:.4f}", "-" if flag is None else ("yes" if flag else "no"),
+                      _one_line(row["prompt_id"], 40), _one_line(row["prompt"]))
     return table
 
 
@@ -191,7 +206,7 @@ def detect(
             raise typer.Exit(outcome.exit_code)
         if gpus or workers or executor != "local" or retry_errors:
             raise UsageError("--gpus, --workers, --executor and --retry-errors need a run directory (-o DIR)")
-        _detect_file(input_path, output, settings, if_exists or "fail", top, json_summary, fail_on_flagged)
+        _detect_file(input_path, output, settings, if_exists or "fail", top, json_summary, fail_on_flagged, log_interval)
 
 
 def _is_run_directory(output: Path) -> bool:
@@ -200,15 +215,20 @@ def _is_run_directory(output: Path) -> bool:
 
 
 def _detect_file(input_path: Path, output: Path, settings: Any, if_exists: str, top: int, json_summary: bool,
-                 fail_on_flagged: bool) -> None:
-    """Single-file detect: score everything in one go and write one Parquet file."""
-    from memscan.detect import detect as run_detect_file
+                 fail_on_flagged: bool, log_interval: float = 60.0) -> None:
+    """Single-file detect: score everything in one go and write one Parquet file.
 
-    summary = run_detect_file(input_path, output, settings, if_exists=if_exists, top=top).summary
+    Progress goes to stderr: a live bar on a terminal, else a line every `log_interval` seconds."""
+    from memscan.detect import detect as run_detect_file
+    from memscan.progress import Progress
+
+    progress = Progress(interval=log_interval, stream=sys.stderr)
+    summary = run_detect_file(input_path, output, settings, if_exists=if_exists, top=top, progress=progress).summary
     if json_summary:
         typer.echo(json.dumps(summary, indent=2))
     if top > 0 and (stderr.is_terminal or not json_summary):
-        stderr.print(_top_table(summary["top"], f"top {len(summary['top'])} of {summary['scored']} scored prompts"))
+        title = f"top {len(summary['top'])} of {summary['scored']} scored prompts"
+        _table_console().print(_top_table(summary["top"], title, summary["threshold"]))
     flagged = summary["flagged"]
     _say(
         f"{summary['rows']} rows, {summary['scored']} scored, {summary['skipped_empty']} empty, "

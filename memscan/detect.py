@@ -30,6 +30,7 @@ from memscan.io.scores import (
 from memscan.methods import method_for
 from memscan.models.loading import ScoringModel, load_model
 from memscan.models.profiles import ModelProfile
+from memscan.progress import Progress
 from memscan.scorer import Scorer
 
 log = logging.getLogger("memscan")
@@ -106,8 +107,13 @@ def score_prompts(
     return scorer.score_frame(frame)
 
 
-def summarize(scores: pd.DataFrame, *, seconds: float, top: int = 10) -> dict[str, Any]:
-    """Counts, rate and the top-scored prompts, as the `--json` summary prints them."""
+def summarize(
+    scores: pd.DataFrame, *, seconds: float, top: int = 10, seconds_load: float = 0.0
+) -> dict[str, Any]:
+    """Counts, rate and the top-scored prompts, as the `--json` summary prints them.
+
+    `seconds` is the whole run, `seconds_load` the model loading in it; the rate leaves loading out."""
+    scoring = seconds - seconds_load
     status = scores["status"]
     ok = scores[status == STATUS_OK]
     flagged = scores["flagged"]
@@ -120,11 +126,13 @@ def summarize(scores: pd.DataFrame, *, seconds: float, top: int = 10) -> dict[st
         "truncated": int(scores["truncated"].sum()),
         "flagged": None if flagged.isna().all() else int(flagged.fillna(False).sum()),
         "seconds": round(seconds, 3),
-        "prompts_per_second": round(len(ok) / seconds, 2) if seconds > 0 else None,
+        "seconds_load": round(seconds_load, 3),
+        "prompts_per_second": round(len(ok) / scoring, 2) if scoring > 0 else None,
         "score_min": float(np.min(ok["score"])) if len(ok) else None,
         "score_max": float(np.max(ok["score"])) if len(ok) else None,
         "top": [
-            {"prompt_id": r.prompt_id, "score": float(r.score), "prompt": r.prompt}
+            {"prompt_id": r.prompt_id, "score": float(r.score), "prompt": r.prompt,
+             "flagged": None if pd.isna(r.flagged) else bool(r.flagged)}
             for r in top_rows.itertuples()
         ],
     }
@@ -138,10 +146,12 @@ def detect(
     model: ScoringModel | None = None,
     if_exists: str = "fail",
     top: int = 10,
+    progress: Progress | None = None,
 ) -> DetectResult:
     """Score every prompt in `input_path` and write the scores to `output` (Parquet).
 
-    The input is read before the model is loaded, so input errors cost nothing."""
+    The input is read before the model is loaded, so input errors cost nothing. `progress`
+    (none: silent) gets a start line, the model's load time, and the rows of every batch."""
     settings = settings or DetectSettings()
     output_path = Path(output) if output is not None else None
     if output_path is not None:
@@ -151,8 +161,26 @@ def detect(
     if frame.empty:
         raise InputError(f"{input_path}: no prompts (the file has no rows)")
     started = time.perf_counter()
-    scorer = build_scorer(settings, model)
-    scores = scorer.score_frame(frame)
+    if progress is not None:
+        name = settings.model if model is None else model.profile.name
+        progress.start(
+            f"scoring {len(frame)} rows of {input_path} with model {name} ({settings.method}, "
+            f"n_noise {settings.n_noise}) -> {output_path or 'no file'}",
+            total=len(frame),
+        )
+    try:
+        scorer = build_scorer(settings, model)
+        seconds_load = time.perf_counter() - started
+        if progress is not None and model is None:
+            dtype = str(scorer.model.dtype).removeprefix("torch.")
+            progress.model_loaded(detail=f"{scorer.model.device}, {dtype}")
+        scores = scorer.score_frame(frame, progress=None if progress is None else progress.advance)
+    except BaseException:
+        if progress is not None:
+            progress.close(final=False)
+        raise
+    if progress is not None:
+        progress.close()
     seconds = time.perf_counter() - started
     facts = {
         **scorer.run_facts(), "memscan_version": __version__, "input": str(input_path),
@@ -161,6 +189,7 @@ def detect(
     if output_path is not None:
         schema = scores_schema(scorer.method.columns, store_prompt=settings.store_prompt)
         write_scores(to_table(scores, schema, facts), output_path)
-    summary = {**summarize(scores, seconds=seconds, top=top), "output": str(output_path) if output_path else None,
+    summary = {**summarize(scores, seconds=seconds, top=top, seconds_load=seconds_load),
+               "output": str(output_path) if output_path else None,
                "model": facts["model"], "method": facts["method"], "threshold": scorer.threshold}
     return DetectResult(scores=scores, summary=summary, output=output_path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,10 +89,13 @@ class Scorer:
 
     # ------------------------------------------------------------------ prompts -> numbers
 
-    def score_texts(self, prompts: Sequence[str], *, chunk: int = 4096) -> ScoredTexts:
+    def score_texts(
+        self, prompts: Sequence[str], *, chunk: int = 4096, progress: Callable[[int], None] | None = None
+    ) -> ScoredTexts:
         """Score non-empty prompts; duplicates (same token ids) cost one evaluation.
 
-        Prompts are tokenized `chunk` at a time so memory stays bounded on large inputs."""
+        Prompts are tokenized `chunk` at a time so memory stays bounded on large inputs.
+        `progress` is told the prompts done after every batch (a chunk's duplicates at its end)."""
         slots: dict[bytes, int] = {}
         unique = _Unique(values={c: [] for c in self.method.columns}, status=[], error=[])
         gather: list[int] = []
@@ -107,7 +110,10 @@ class Scorer:
                     new_rows.append(i)
                 gather.append(slots[key])
             truncated += tokens.truncated
-            self._score_rows(tokens, new_rows, unique)
+            self._score_rows(tokens, new_rows, unique, progress)
+            duplicates = len(tokens.truncated) - len(new_rows)
+            if progress is not None and duplicates:
+                progress(duplicates)
         index = np.asarray(gather, dtype=np.int64)
         return ScoredTexts(
             columns={c: np.asarray(v, dtype=np.float32)[index] for c, v in unique.values.items()},
@@ -117,7 +123,9 @@ class Scorer:
             unique=len(slots),
         )
 
-    def _score_rows(self, tokens: TokenizedPrompts, rows: list[int], out: _Unique) -> None:
+    def _score_rows(
+        self, tokens: TokenizedPrompts, rows: list[int], out: _Unique, progress: Callable[[int], None] | None = None
+    ) -> None:
         """Append results for `rows` of `tokens` to `out`, `batch_size` prompts per UNet call."""
         state = self.state
         position = 0
@@ -136,7 +144,7 @@ class Scorer:
             except Exception as exc:  # noqa: BLE001 - a failing prompt must not sink the shard
                 if len(batch) > 1:  # isolate the prompt that fails
                     for row in batch:
-                        self._score_rows(tokens, [row], out)
+                        self._score_rows(tokens, [row], out, progress)
                     position += len(batch)
                     continue
                 self._append_failure(out, STATUS_ERROR, one_line(exc, with_type=True, limit=300))
@@ -145,6 +153,8 @@ class Scorer:
                     out.values[name].extend(values[name].tolist())
                 out.status.extend([STATUS_OK] * len(batch))
                 out.error.extend([None] * len(batch))
+            if progress is not None:
+                progress(len(batch))
             position += len(batch)
 
     def _score_batch(self, tokens: TokenizedPrompts, rows: list[int], state: Any) -> dict[str, np.ndarray]:
@@ -165,11 +175,15 @@ class Scorer:
 
     # ------------------------------------------------------------------ frames -> rows
 
-    def score_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """Output rows for a canonical prompt frame (`prompt_id`, `prompt`): one per input row."""
+    def score_frame(self, frame: pd.DataFrame, *, progress: Callable[[int], None] | None = None) -> pd.DataFrame:
+        """Output rows for a canonical prompt frame (`prompt_id`, `prompt`): one per input row.
+
+        `progress` is told the rows done after every batch; empty rows count at the end."""
         prompts = frame["prompt"]
         is_empty = (prompts.isna() | (prompts.fillna("").astype(str).str.strip() == "")).to_numpy()
-        scored = self.score_texts(prompts[~is_empty].astype(str).tolist())
+        scored = self.score_texts(prompts[~is_empty].astype(str).tolist(), progress=progress)
+        if progress is not None and is_empty.any():
+            progress(int(is_empty.sum()))
         rows, ok = len(frame), ~is_empty
         out = pd.DataFrame({
             "prompt_id": frame["prompt_id"].astype(str).to_numpy(),
