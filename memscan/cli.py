@@ -462,7 +462,7 @@ def calibrate_cmd(
 
             _say(f"memscan: warning: {result.n_clean} clean prompts are too few to bound the FPR at {target_fpr:g} "
                  f"with confidence {confidence:g} (need {min_clean_prompts(target_fpr, confidence)}); "
-                 "the largest clean score is the threshold")
+                 "the threshold is just above the largest clean score")
 
 
 @app.command("report")

@@ -18,6 +18,9 @@ only, as an order statistic with a binomial guarantee: of n clean scores, at mos
 with m the largest count such that P(Binomial(n, α) <= m) <= 1 - confidence. Then, with probability
 at least `confidence` over the draw of the clean prompts, the FPR on new clean prompts from the same
 distribution is at most α (not only on average), and the calibration prompts' own FPR is below α.
+The threshold sits in the gap just above that clean score, not on it (a threshold equal to a score
+flags it or not depending on the last bit, e.g. on the thread count); a higher threshold keeps the
+guarantee.
 """
 
 from __future__ import annotations
@@ -272,10 +275,48 @@ def min_clean_prompts(target_fpr: float, confidence: float) -> int:
     return math.ceil(math.log(1 - confidence) / math.log(1 - target_fpr))
 
 
-def clean_threshold(clean_scores: np.ndarray, target_fpr: float, confidence: float = 0.9) -> tuple[float, bool]:
-    """(threshold, guaranteed): the clean score with m others above it, m the largest count with
-    P(Binomial(n, α) <= m) <= 1 - confidence; with too few prompts for any m, the largest clean
-    score and `guaranteed` False."""
+# The step from the chosen clean score to the threshold, relative to the largest |score|: far above
+# float32 rounding (6e-8) and the thread-count noise of a UNet pass (the demo's scores move by up
+# to 1e-5 of the largest between 1 and 2 torch threads), far below real gaps between scores.
+THRESHOLD_STEP = 1e-3
+
+
+def _short_decimal(low: float, high: float) -> float:
+    """The value in [low, high] with the fewest significant digits (near the middle): a readable profile."""
+    middle = (low + high) / 2
+    for digits in range(1, 18):
+        value = float(f"{middle:.{digits}g}")
+        if low <= value <= high:
+            return value
+    return middle
+
+
+def gap_threshold(chosen: float, scores: np.ndarray) -> float:
+    """A threshold in the gap above `chosen` that no rounding-level change of any score moves a flag across.
+
+    step = min(THRESHOLD_STEP * max|score|, half the gap to the next higher score); the threshold is
+    the shortest decimal in [chosen + step / 2, chosen + step]: the same scores lie above it as above
+    `chosen`, and each one's distance to it is at least a quarter of its gap or half a step."""
+    scores = np.asarray(scores, dtype=np.float64)
+    scale = float(np.abs(scores).max()) if scores.size else 0.0
+    step = THRESHOLD_STEP * (scale or 1.0)
+    higher = scores[scores > chosen]
+    if higher.size:
+        step = min(step, (float(higher.min()) - chosen) / 2)
+    threshold = _short_decimal(chosen + step / 2, chosen + step)
+    if not np.float32(threshold) > np.float32(chosen):  # a gap of one float32 ulp: the next float32 up
+        threshold = float(np.nextafter(np.float32(chosen), np.float32(np.inf)))
+    return threshold
+
+
+def clean_threshold(
+    clean_scores: np.ndarray, target_fpr: float, confidence: float = 0.9, *, others: np.ndarray | None = None,
+) -> tuple[float, bool]:
+    """(threshold, guaranteed): just above the clean score with m others above it, m the largest count
+    with P(Binomial(n, α) <= m) <= 1 - confidence; with too few prompts for any m, just above the
+    largest clean score and `guaranteed` False. "Just above" is `gap_threshold` over the clean scores
+    and `others` (the memorized prompts' scores), so float rounding (thread counts, machines) cannot
+    flip a calibration prompt; any threshold above the order statistic keeps the guarantee."""
     from scipy.stats import binom
 
     _check_target(target_fpr)
@@ -287,7 +328,8 @@ def clean_threshold(clean_scores: np.ndarray, target_fpr: float, confidence: flo
         raise InputError("calibration needs known-clean (not memorized) prompts; got none")
     allowed = np.flatnonzero(binom.cdf(np.arange(n), n, target_fpr) <= 1 - confidence)
     above = int(allowed[-1]) if allowed.size else 0
-    return float(ordered[n - 1 - above]), bool(allowed.size)
+    labelled = ordered if others is None else np.r_[ordered, np.asarray(others, dtype=np.float64)]
+    return gap_threshold(float(ordered[n - 1 - above]), labelled), bool(allowed.size)
 
 
 def fit_weights(norm: np.ndarray, alignment: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -376,7 +418,7 @@ def calibrate(
         return combined(part["norm"], part["alignment"], *weights)
 
     scores = score(rows)
-    threshold, guaranteed = clean_threshold(scores[labels == 0], target_fpr, confidence)
+    threshold, guaranteed = clean_threshold(scores[labels == 0], target_fpr, confidence, others=scores[labels == 1])
     measured = _rates(scores, labels, threshold)
     held = _rates(score(test), test["label"].to_numpy(), threshold) if len(test) else None
     w_norm, w_align = weights if weights is not None and has_terms else (None, None)
@@ -491,9 +533,14 @@ def write_profile(profile: ModelProfile, path: Path) -> Path:
 def calibrate_scores(
     scores_path: Path, output: Path, *, labels_path: Path | None = None, model: str | None = None,
     target_fpr: float = 0.01, confidence: float = 0.9, fit: bool = True, holdout: float = 0.0, seed: int = 0,
-    label_column: str = LABEL_COLUMN,
+    label_column: str = LABEL_COLUMN, if_exists: str = "fail",
 ) -> tuple[ModelProfile, Calibration]:
-    """`memscan calibrate`: fit on a labelled scores file and write the calibrated profile."""
+    """`memscan calibrate`: fit on a labelled scores file and write the calibrated profile (never over
+    an input; over an existing file only with `if_exists="overwrite"`)."""
+    from memscan.outputs import check_output
+
+    check_output(output, inputs=[p for p in (scores_path, labels_path) if p is not None], if_exists=if_exists,
+                 what="profile")
     frame, facts = load_labelled(scores_path, labels_path, label_column=label_column)
     weights = None
     if not fit and facts.get("w_norm") is not None and facts.get("method") == "anisotropy":

@@ -170,9 +170,67 @@ def test_clean_threshold_bounds_the_true_fpr_with_the_stated_confidence() -> Non
 def test_clean_threshold_with_too_few_prompts_takes_the_maximum() -> None:
     assert min_clean_prompts(0.01, 0.9) == 230
     clean = np.arange(100.0)
-    assert clean_threshold(clean, 0.01, 0.9) == (99.0, False)
+    threshold, guaranteed = clean_threshold(clean, 0.01, 0.9)
+    assert not guaranteed and 99.0 < threshold <= 99.0 + 1e-3 * 99  # just above the largest clean score
     with pytest.raises(InputError, match="known-clean"):
         clean_threshold(np.array([]), 0.01)
+
+
+def _binomial_m(n: int, target: float, confidence: float) -> int:
+    """The number of clean scores allowed above the threshold, straight from the definition."""
+    from scipy.stats import binom
+
+    return max(m for m in range(n) if binom.cdf(m, n, target) <= 1 - confidence)
+
+
+def _nudged(values: np.ndarray, index: int, ulps: int) -> np.ndarray:
+    """`values` (float32) with one entry moved by `ulps` units in the last place."""
+    out = values.astype(np.float32).copy()
+    for _ in range(abs(ulps)):
+        out[index] = np.nextafter(out[index], np.float32(np.inf if ulps > 0 else -np.inf))
+    return out
+
+
+@pytest.mark.parametrize("n_clean", [2000, 230, 100])
+def test_calibrated_threshold_sits_in_the_gap_above_the_chosen_clean_score(n_clean: int) -> None:
+    """The threshold is not ON a calibration score: moving the chosen clean score a few float32 ulps
+    either way (a thread count's rounding) flips no flag, and exactly m clean scores stay above it."""
+    frame = _synthetic_terms(4, n_clean=n_clean).drop(columns=["norm", "alignment"])
+    frame["score"] = frame["score"].astype(np.float32)
+    result = calibrate(frame, fit=False)
+    scores, labels = frame["score"].to_numpy(), frame["label"].to_numpy()
+    clean = np.sort(scores[labels == 0])
+    m = _binomial_m(n_clean, 0.01, 0.9) if n_clean >= 230 else 0
+    chosen = clean[n_clean - 1 - m]
+    assert result.guaranteed == (n_clean >= 230)
+    assert int((clean > result.threshold).sum()) == m  # the binomial guarantee's count, unchanged
+    assert result.threshold > chosen
+    gap = scores[scores > chosen].min() - chosen  # to the next labelled score, memorized or clean
+    assert result.threshold - chosen >= min(0.5e-3 * np.abs(scores).max(), gap / 4) * (1 - 1e-6)
+    assert chosen + gap - result.threshold >= gap / 2 * (1 - 1e-6)
+    flags = scores > np.float32(result.threshold)
+    at = int(np.flatnonzero((scores == chosen) & (labels == 0))[0])
+    for ulps in (-3, -1, 1, 3):
+        nudged = _nudged(scores, at, ulps)
+        np.testing.assert_array_equal(nudged > np.float32(result.threshold), flags)
+        again = calibrate(frame.assign(score=nudged), fit=False)  # calibrated on the nudged scores
+        np.testing.assert_array_equal(scores > np.float32(again.threshold), flags)
+    rounding = scores * (1 + np.random.default_rng(0).uniform(-1e-6, 1e-6, scores.size)).astype(np.float32)
+    np.testing.assert_array_equal(rounding > np.float32(result.threshold), flags)  # 1e-6 relative noise everywhere
+
+
+def test_threshold_splits_a_small_gap_and_steps_a_little_over_a_large_one() -> None:
+    """Next labelled score (here memorized) close above the chosen clean one: the threshold lies in the
+    middle half of the gap. Far above: a step of 1e-3 of the largest |score|, as a short decimal,
+    not the midpoint (which would cost TPR on new memorized prompts for nothing)."""
+    clean = np.arange(300, dtype=np.float64)
+    assert _binomial_m(300, 0.01, 0.9) == 0  # 0.99^300 = 0.049 <= 0.1, and with one more it is 0.198
+    threshold, guaranteed = clean_threshold(clean, 0.01, 0.9, others=np.array([299.001]))
+    assert guaranteed and 299.00025 <= threshold <= 299.0005
+    far, _ = clean_threshold(clean, 0.01, 0.9, others=np.array([1000.0]))
+    assert 299.5 <= far <= 300.0 and repr(far) == "300.0"  # step 1e-3 * 1000, rounded to a short decimal
+    tied, _ = clean_threshold(np.r_[clean, 299.0], 0.01, 0.9)  # two clean prompts share the top score
+    assert tied > 299.0 and (np.r_[clean, 299.0] > tied).sum() == 0
 
 
 def _synthetic_terms(seed: int, n_mem: int = 60, n_clean: int = 2000) -> pd.DataFrame:
