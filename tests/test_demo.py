@@ -33,6 +33,7 @@ from memscan.demo.data import (
 from memscan.demo.models import TINY
 from memscan.demo.train import TrainConfig, demo_config, train_demo
 from memscan.errors import EXIT_USAGE, InputError, ModelError
+from memscan.models.loading import folder_tokenizer
 from memscan.paths import demo_dir
 
 MODEL_DIR = demo_dir() / "model"
@@ -240,7 +241,8 @@ def test_tiny_pipeline_folder_loads(tiny_model):
     from diffusers import StableDiffusionPipeline
 
     out, _ = tiny_model
-    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False,
+                                                   **folder_tokenizer(out))  # the folder ships no vocabulary
     _check_pipeline(pipe)
     images = pipe(["a red circle"], num_inference_steps=2, guidance_scale=7.5, output_type="np").images
     assert images.shape == (1, 32, 32, 3)
@@ -306,7 +308,7 @@ def _check_pipeline(pipe):
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
     assert pipe.text_encoder.config.vocab_size == VOCAB_SIZE
     assert pipe.text_encoder.config.max_position_embeddings == MODEL_MAX_LENGTH
-    assert pipe.tokenizer.pad_token == "<|endoftext|>"
+    assert pipe.tokenizer.pad_token == "<|endoftext|>" and len(pipe.tokenizer) == VOCAB_SIZE
     assert pipe.unet.config.in_channels == 4 and pipe.vae.config.latent_channels == 4
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
 
@@ -342,7 +344,8 @@ def test_shipped_model_matches_profile():
 
     profile = load_profile("demo")
     assert Path(profile.source) == MODEL_DIR.resolve()
-    pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR, safety_checker=None, requires_safety_checker=False,
+                                                   **folder_tokenizer(MODEL_DIR))
     _check_pipeline(pipe)
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     assert profile.resolution // factor == pipe.unet.config.sample_size

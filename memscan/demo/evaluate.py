@@ -94,8 +94,10 @@ def score_labelled(model_dir: str, prompts: pd.DataFrame, n_noise: int = 1, seed
     if scores is None:
         from diffusers import StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None,
-                                                       requires_safety_checker=False)
+        from memscan.models.loading import folder_tokenizer
+
+        pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False,
+                                                       **folder_tokenizer(model_dir))
         latent = int(pipe.unet.config.sample_size)
         scores = minimal_scores(pipe, prompt_list, n_noise=n_noise, seed=seed, latent_size=latent)
         scores["score"] = w_norm * scores["norm"] + w_align * scores["alignment"]

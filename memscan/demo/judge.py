@@ -95,8 +95,7 @@ def _batch(cfg: JudgeConfig, data: DemoData, pool: GenericPool, rng: np.random.G
 def train_judge(out: str | Path, cfg: JudgeConfig = JudgeConfig(), *, data: DemoData | None = None,
                 log=print) -> dict:
     """Train the judge and save its text tower (with tokenizer files) as a folder at `out`."""
-    from memscan.models.tokenizer import TOKENIZER_FILES, load_clip_tokenizer
-    from memscan.paths import tokenizer_dir
+    from memscan.models.tokenizer import load_clip_tokenizer, write_tokenizer_config
 
     t_start = time.time()
     torch.manual_seed(cfg.seed)
@@ -130,8 +129,7 @@ def train_judge(out: str | Path, cfg: JudgeConfig = JudgeConfig(), *, data: Demo
     if out.exists():
         shutil.rmtree(out)
     text.eval().half().save_pretrained(out, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(tokenizer_dir() / name, out / name)
+    write_tokenizer_config(out)  # the CLIP vocabulary is shipped once; TextJudge fills it in
     summary = {"config": asdict(cfg), "final_loss": float(np.mean(losses[-100:])),
                "seconds": round(time.time() - t_start, 1), "torch_threads": torch.get_num_threads()}
     (out / "judge.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -256,7 +256,7 @@ def train_demo(
     if out.exists():
         shutil.rmtree(out)
     pipe.save_pretrained(out, safe_serialization=True)
-    _ship_tokenizer_files(out / "tokenizer")
+    _ship_tokenizer_config(out / "tokenizer")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     summary = {
         "config": cfg.to_dict(),
@@ -276,16 +276,13 @@ def train_demo(
     return summary
 
 
-def _ship_tokenizer_files(folder: Path) -> None:
-    """Replace the saved tokenizer with memscan's shipped CLIP files (vocab.json + merges.txt,
-    as SD v1.x ships them): 1.6 MB instead of a 3.6 MB tokenizer.json, same tokens."""
-    from memscan.models.tokenizer import TOKENIZER_FILES
-    from memscan.paths import tokenizer_dir
+def _ship_tokenizer_config(folder: Path) -> None:
+    """Replace the saved tokenizer with the shipped CLIP tokenizer's config alone: memscan ships the
+    vocabulary once (data/tokenizer) and its loaders fill it in (memscan.models.tokenizer)."""
+    from memscan.models.tokenizer import write_tokenizer_config
 
     shutil.rmtree(folder)
-    folder.mkdir()
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(tokenizer_dir() / name, folder / name)
+    write_tokenizer_config(folder)
 
 
 def config_with(cfg: TrainConfig, **changes) -> TrainConfig:

@@ -134,9 +134,11 @@ def load_pipeline(model_dir: str | Path, device: str = "cpu"):
     progress bars); a ModelError when `model_dir` is not a diffusers folder."""
     from diffusers import StableDiffusionPipeline
 
+    from memscan.models.loading import folder_tokenizer
+
     check_model_dir(model_dir)
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None,
-                                                   requires_safety_checker=False).to(device)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False,
+                                                   **folder_tokenizer(model_dir)).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -74,13 +74,14 @@ class TextJudge:
 
     def __init__(self, source: str) -> None:
         from huggingface_hub.errors import LocalEntryNotFoundError
-        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+        from transformers import CLIPTextModelWithProjection
 
         from memscan.models.loading import is_offline_miss, quiet_libraries
+        from memscan.models.tokenizer import clip_tokenizer_for
 
         quiet_libraries()
         try:
-            self.tokenizer = CLIPTokenizer.from_pretrained(source)
+            self.tokenizer = clip_tokenizer_for(source)  # the demo judge's folder holds no vocabulary of its own
             self.model = CLIPTextModelWithProjection.from_pretrained(source).float().eval()  # judge in float32
         except (OSError, ValueError) as exc:
             if is_offline_miss(exc, LocalEntryNotFoundError):

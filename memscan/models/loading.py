@@ -123,6 +123,7 @@ def _load_pretrained(
     skip: dict[str, Any] = {"safety_checker": None, "feature_extractor": None, "image_encoder": None}
     if not with_vae:
         skip["vae"] = None
+    skip.update(folder_tokenizer(source))
     try:
         with warnings.catch_warnings():
             # diffusers >= 0.36 renames torch_dtype to dtype; older releases only know torch_dtype
@@ -145,6 +146,17 @@ def _load_pretrained(
             ) from exc
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(f"cannot load model {source!r}: {message}") from exc
+
+
+def folder_tokenizer(folder: str | Path) -> dict[str, Any]:
+    """`{"tokenizer": ...}` for a local pipeline folder whose `tokenizer/` holds only its config
+    (the demo model: memscan ships the CLIP vocabulary once), else nothing: diffusers loads it."""
+    from memscan.models.tokenizer import clip_tokenizer_for, has_vocabulary
+
+    tokenizer = Path(folder) / "tokenizer"
+    if not tokenizer.is_dir() or has_vocabulary(tokenizer):
+        return {}
+    return {"tokenizer": clip_tokenizer_for(tokenizer)}
 
 
 _OFFLINE_HINTS = ("not fully cached", "cached snapshot", "offline", "connect", "resolve host", "network")

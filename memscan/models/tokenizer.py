@@ -6,6 +6,9 @@ from the open-clip-torch wheel), plus the `tokenizer_config.json` / `special_tok
 SD v1.4's tokenizer folder. Rebuild them with
 
     python -m memscan.models.tokenizer build /path/to/bpe_simple_vocab_16e6.txt.gz data/tokenizer
+
+memscan ships the vocabulary once: the demo model's `tokenizer/` folder and the demo judge hold
+only their tokenizer config, and `clip_tokenizer_for` fills in these files for such a folder.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ MODEL_MAX_LENGTH = 77
 VOCAB_SIZE = 49408
 # CLIP keeps 49152 vocabulary entries below the two special tokens: 2 * 256 byte symbols + merges.
 N_MERGES = 49152 - 256 - 2
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+VOCABULARY_FILES = ("vocab.json", "merges.txt")
+CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = (*VOCABULARY_FILES, *CONFIG_FILES)
 
 _MERGES_HEADER = "#version: 0.2"
 
@@ -125,6 +130,48 @@ def load_clip_tokenizer(pad_token: str = EOS_TOKEN, directory: Path | None = Non
     if len(tokenizer) != VOCAB_SIZE:  # an unknown pad token would have been appended as a new id
         raise ModelError(f"pad token {pad_token!r} is not in the CLIP vocabulary of {directory}")
     return tokenizer
+
+
+def has_vocabulary(folder: str | Path) -> bool:
+    """Whether `folder` holds its own BPE vocabulary (vocab.json and merges.txt)."""
+    return all((Path(folder) / name).is_file() for name in VOCABULARY_FILES)
+
+
+def clip_tokenizer_for(source: str | Path) -> PreTrainedTokenizerBase:
+    """The CLIP tokenizer of a tokenizer folder or hub id, as `CLIPTokenizer.from_pretrained` reads it.
+
+    A local folder with a tokenizer config but no vocabulary of its own (the demo model's and the
+    demo judge's: memscan ships the CLIP BPE files once, in `data/tokenizer/`) gets the shipped
+    vocab.json and merges.txt, with every setting (pad token, lower-casing, length) from its config.
+    """
+    from transformers import CLIPTokenizer
+
+    folder = Path(source)
+    if not folder.is_dir() or has_vocabulary(folder):
+        return CLIPTokenizer.from_pretrained(str(source))
+    if not (folder / "tokenizer_config.json").is_file():
+        raise ModelError(f"{folder} holds no CLIP tokenizer (no tokenizer_config.json, no vocab.json)")
+    shipped = tokenizer_dir()
+    missing = [name for name in VOCABULARY_FILES if not (shipped / name).is_file()]
+    if missing:
+        raise ModelError(f"CLIP tokenizer files missing in {shipped}: {', '.join(missing)}")
+    tokenizer = CLIPTokenizer.from_pretrained(
+        str(folder), vocab_file=str(shipped / "vocab.json"), merges_file=str(shipped / "merges.txt"),
+        local_files_only=True,
+    )
+    if len(tokenizer) != VOCAB_SIZE:  # a config naming a token outside the vocabulary appends it
+        raise ModelError(f"the tokenizer config of {folder} does not fit the shipped CLIP vocabulary")
+    return tokenizer
+
+
+def write_tokenizer_config(folder: str | Path) -> None:
+    """Give a model folder the shipped tokenizer's config files only (the vocabulary is shipped once)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in VOCABULARY_FILES:
+        (folder / name).unlink(missing_ok=True)
+    for name in CONFIG_FILES:
+        (folder / name).write_bytes((tokenizer_dir() / name).read_bytes())
 
 
 def main(argv: list[str] | None = None) -> int:
