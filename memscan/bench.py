@@ -139,13 +139,50 @@ def bench_method(
     )
 
 
+def check_bench_settings(
+    methods: Sequence[str], *, suite: str | None = None, limit: int | None = None, n_noise: int = 1,
+    batch_size: int = 16, out_dir: Path | None = None, report: Path | None = None, if_exists: str = "fail",
+) -> None:
+    """Everything that can be refused before the model loads: flag values, method names, and the
+    outputs (`--out-dir` files, `--report`): not existing unless `overwrite`, never a prompt list."""
+    from memscan.config import DetectSettings
+    from memscan.methods import available_methods, parse_method_spec
+    from memscan.outputs import check_output
+
+    DetectSettings(n_noise=n_noise, batch_size=batch_size)  # the same bounds as detect
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {limit}")
+    if not methods:
+        raise UsageError("--methods names no method")
+    for spec in methods:
+        name, _ = parse_method_spec(spec)
+        if name not in available_methods():
+            raise UsageError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
+    inputs = [benchmark_dir() / name for spec in SUITES.values() if isinstance(spec, tuple) for name in spec]
+    inputs += [demo_dir() / "prompts.csv"] + ([Path(suite)] if suite and suite not in SUITES else [])
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UsageError(f"--out-dir {out_dir} exists and is not a directory")
+        for path in bench_output_paths(methods, out_dir):
+            check_output(path, inputs=inputs, if_exists=if_exists, what="--out-dir file")
+    if report is not None:
+        check_output(report, inputs=inputs, if_exists=if_exists, what="report")
+
+
+def bench_output_paths(methods: Sequence[str], out_dir: Path) -> list[Path]:
+    """`labels.csv`, then one scores file per method spec, in `out_dir`."""
+    return [Path(out_dir) / "labels.csv"] + [Path(out_dir) / f"{_slug(spec)}.parquet" for spec in methods]
+
+
 def write_bench_outputs(results: Sequence[BenchResult], prompts: pd.DataFrame, out_dir: Path) -> list[Path]:
     """One scores Parquet per method plus `labels.csv`, ready for `memscan evaluate` / `report`."""
     from memscan import __version__
     from memscan.io.scores import scores_schema, to_table, write_scores
+    from memscan.outputs import atomic_write_bytes
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    prompts[["prompt_id", "prompt", "label"]].astype({"label": int}).to_csv(out_dir / "labels.csv", index=False)
+    labels = prompts[["prompt_id", "prompt", "label"]].astype({"label": int})
+    atomic_write_bytes(Path(out_dir) / "labels.csv", lambda tmp: labels.to_csv(tmp, index=False))
     paths = []
     for result in results:
         columns = tuple(c for c in result.scores.columns if c in ("norm", "alignment", "score"))
@@ -160,10 +197,14 @@ def run_bench(
     model: ScoringModel | str = "demo", *, methods: Sequence[str] = DEFAULT_METHODS, suite: str | None = None,
     limit: int | None = None, n_noise: int = 1, seed: int = 51, batch_size: int = 16, device: str = "auto",
     dtype: str = "auto", targets: Sequence[float] = DEFAULT_TARGETS, out_dir: Path | None = None,
+    if_exists: str = "fail",
 ) -> tuple[str, list[BenchResult]]:
-    """Load the model once and bench every method on the suite; returns (suite, results)."""
+    """Load the model once and bench every method on the suite; returns (suite, results). Flags and
+    `out_dir` are checked first (see check_bench_settings), so a bad one costs no model load."""
     from memscan.models.loading import load_model
 
+    check_bench_settings(methods, suite=suite, limit=limit, n_noise=n_noise, batch_size=batch_size,
+                         out_dir=out_dir, if_exists=if_exists)
     if isinstance(model, str):
         model = load_model(model, device=device, dtype=dtype)
     suite = suite or default_suite(model.profile)

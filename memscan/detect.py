@@ -22,7 +22,6 @@ from memscan.io.readers import PromptSource
 from memscan.io.scores import (
     STATUS_OK,
     STATUS_SKIPPED_EMPTY,
-    check_output_path,
     scores_schema,
     to_table,
     write_scores,
@@ -30,6 +29,7 @@ from memscan.io.scores import (
 from memscan.methods import method_for
 from memscan.models.loading import ScoringModel, load_model
 from memscan.models.profiles import ModelProfile
+from memscan.outputs import check_output
 from memscan.progress import Progress
 from memscan.scorer import Scorer
 
@@ -155,7 +155,7 @@ def detect(
     settings = settings or DetectSettings()
     output_path = Path(output) if output is not None else None
     if output_path is not None:
-        check_output_path(output_path, if_exists)
+        check_output(output_path, inputs=[input_path], if_exists=if_exists)
     source = PromptSource(Path(input_path), prompt_column=settings.prompt_column, id_column=settings.id_column)
     frame = source.read()
     if frame.empty:

@@ -3,11 +3,13 @@
     MemscanError                      exit 1  (internal; the base never escapes on purpose)
     ├── UsageError                    exit 2  bad flag value, unknown option combination
     │   ├── ConfigError               exit 2  bad profile / config file / setting
+    │   ├── OutputRefusedError        exit 2  output exists (no --if-exists overwrite) or is an input
     │   ├── ModelError                exit 2  unknown model, unloadable or refused checkpoint
     │   │   ├── PickleRefusedError    exit 2  .ckpt/.bin without --allow-pickle
     │   │   └── ModelNotCachedError   exit 2  hub model not cached while offline
     │   └── FingerprintMismatchError  exit 2  resume with different settings
     ├── InputError                    exit 4  missing file or column, undecodable, no prompts
+    ├── OutputError                   exit 4  the output location cannot be written (checked before the work)
     ├── PartialRunError               exit 3  some shards failed; a rerun resumes
     └── FlaggedPromptsError           exit 10 done, prompts flagged (only with --fail-on-flagged)
 
@@ -61,12 +63,22 @@ class ModelNotCachedError(ModelError):
     """A hub model is not in the local cache and the hub cannot be reached."""
 
 
+class OutputRefusedError(UsageError):
+    """An output would replace a file the user did not ask to replace, or one of the inputs."""
+
+
 class FingerprintMismatchError(UsageError):
     """An existing run directory was made with different settings."""
 
 
 class InputError(MemscanError):
     """The prompt input is missing, unreadable or holds no usable column."""
+
+    exit_code = EXIT_INPUT
+
+
+class OutputError(MemscanError):
+    """The output cannot be written there: no permission, a file where a folder should be, disk full."""
 
     exit_code = EXIT_INPUT
 

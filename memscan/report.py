@@ -206,10 +206,15 @@ def load_report_inputs(
     return items
 
 
-def write_report(items: Sequence[ReportInput], output: Path, **kwargs: Any) -> Path:
-    """Render and write the page atomically."""
-    from memscan.io.scores import atomic_write_bytes
+def write_report(
+    items: Sequence[ReportInput], output: Path, *, inputs: Sequence[Path] = (), if_exists: str = "fail",
+    **kwargs: Any,
+) -> Path:
+    """Render and write the page atomically: never over one of `inputs`, over an existing file only
+    with `if_exists="overwrite"`."""
+    from memscan.outputs import atomic_write_bytes, check_output
 
+    check_output(output, inputs=inputs, if_exists=if_exists, what="report")
     page = build_report(items, **kwargs)
     atomic_write_bytes(Path(output), lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return Path(output)

@@ -1,4 +1,5 @@
-"""The scores table: its Arrow schema, run facts in Parquet key-value metadata, atomic writes.
+"""The scores table: its Arrow schema, run facts in Parquet key-value metadata, atomic writes
+(memscan.outputs.atomic_write_bytes, re-exported here for the writers that import it from here).
 
 One row per input row, always: scored rows carry numbers, skipped or failed rows carry a
 status and an error message. A shard of a run directory and a single-file output share
@@ -8,8 +9,6 @@ this schema, so merging shards is a concatenation.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from memscan.errors import InputError, UsageError
+from memscan.errors import InputError
+from memscan.outputs import atomic_write_bytes
 
 METADATA_KEY = b"memscan"
 STATUS_OK = "ok"
@@ -52,32 +52,9 @@ def to_table(frame: pd.DataFrame, schema: pa.Schema, facts: dict[str, Any] | Non
     return table
 
 
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call `write(tmp_path)`, then move the file into place: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_scores(table: pa.Table, path: Path) -> None:
     """Write a scores table to `path` atomically."""
     atomic_write_bytes(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-
-
-def check_output_path(path: Path, if_exists: str) -> None:
-    """Refuse to clobber an existing output unless asked to (`overwrite`)."""
-    if if_exists not in ("fail", "overwrite", "resume"):
-        raise UsageError(f"--if-exists {if_exists!r}: use fail, overwrite or resume")
-    if path.exists() and path.is_dir():
-        raise UsageError(f"output {path} is a directory; give a .parquet file path")
-    if path.exists() and if_exists == "fail":
-        raise UsageError(f"output {path} exists; pass --if-exists overwrite to replace it")
 
 
 def read_scores(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:

@@ -18,7 +18,7 @@ import pandas as pd
 
 from memscan import __version__
 from memscan.errors import UsageError
-from memscan.io.scores import STATUS_NONFINITE, STATUS_SKIPPED_EMPTY, check_output_path, to_table, write_scores
+from memscan.io.scores import STATUS_NONFINITE, STATUS_SKIPPED_EMPTY, to_table, write_scores
 from memscan.mitigation.attribution import attribute
 from memscan.mitigation.differentiable import DifferentiableScore
 from memscan.mitigation.edits import EditSpace
@@ -36,6 +36,7 @@ from memscan.mitigation.table import (
 )
 from memscan.models.loading import ScoringModel
 from memscan.scorer import Scorer
+from memscan.outputs import check_distinct, check_output
 
 __all__ = ["MitigateResult", "MitigateSettings", "load_embeddings", "mitigate", "rewrite_prompts"]
 
@@ -65,9 +66,10 @@ def mitigate(
 
     settings = settings or MitigateSettings()
     output_path = Path(output) if output is not None else None
-    for path in (output_path, settings.emit_embeddings):
+    check_distinct({"-o": output_path, "--emit-embeddings": settings.emit_embeddings})
+    for path, what in ((output_path, "output"), (settings.emit_embeddings, "embeddings")):
         if path is not None:
-            check_output_path(Path(path), if_exists)
+            check_output(path, inputs=[input_path], if_exists=if_exists, what=what)
     detect = settings.detect
     frame = read_rows(
         Path(input_path), prompt_column=detect.prompt_column, id_column=detect.id_column, all_rows=settings.all_rows

@@ -32,7 +32,7 @@ from memscan.mitigation.table import (
     output_schema,
     read_detect_range,
 )
-from memscan.run import RunOptions, RunOutcome, run_job
+from memscan.run import RunOptions, RunOutcome, check_run_output, run_job
 from memscan.run.job import fingerprint_fields
 from memscan.run.plan import InputFile, Shard, expand_inputs, open_input
 
@@ -178,6 +178,7 @@ def run_mitigate(
     for path in expand_inputs(input_spec):
         if is_detect_output(path):
             check_detect_output(path, all_rows=settings.all_rows)
+    check_run_output(input_spec, out_dir, options)
     profile = _profile(settings)
     similarity = resolve_similarity(settings.similarity or profile.text_similarity)
     job = MitigateJob(replace(settings, target=resolve_target(settings, profile), similarity=similarity))

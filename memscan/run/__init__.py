@@ -9,6 +9,7 @@ from typing import Any
 
 from memscan.config import DetectSettings
 from memscan.errors import EXIT_FLAGGED, EXIT_OK, EXIT_PARTIAL, UsageError
+from memscan.outputs import check_output
 from memscan.run.executors import run_local, run_processes, run_ray, shards_for_rank, static_rank
 from memscan.run.job import (
     DetectJob,
@@ -100,6 +101,7 @@ def run_job(
     multi_rank = rank is not None and rank.world_size > 1
     if multi_rank and options.if_exists == "overwrite":
         raise UsageError("--if-exists overwrite cannot be used by several ranks at once; clear the directory first")
+    check_run_output(input_spec, out_dir, options)
     started = time.perf_counter()
     run = prepare_run(input_spec, out_dir, job, options)
     if not multi_rank:
@@ -155,6 +157,14 @@ def run_job(
         code = EXIT_OK
     summary["exit_code"] = code
     return RunOutcome(summary=summary, exit_code=code)
+
+
+def check_run_output(input_spec: str | Path, out_dir: str | Path, options: RunOptions) -> None:
+    """Before any work: the run directory is not an input, not a file, and can be written."""
+    from memscan.run.plan import expand_inputs
+
+    inputs = [Path(input_spec), *expand_inputs(input_spec)]
+    check_output(out_dir, inputs=inputs, if_exists=options.if_exists, kind="run", what="run directory")
 
 
 def _my_shards(run: RunDirectory, rank: Any) -> list[Any]:

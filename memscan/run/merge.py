@@ -9,15 +9,21 @@ import pyarrow.parquet as pq
 
 from memscan.errors import PartialRunError
 from memscan.io.scores import METADATA_KEY, atomic_write_bytes
+from memscan.outputs import check_output
 from memscan.run.rundir import RunDirectory
 
 
-def merge_run(run_dir: str | Path, output: str | Path, *, allow_partial: bool = False) -> int:
-    """Concatenate the done shards into `output`; refuses an incomplete run unless allowed.
+def merge_run(run_dir: str | Path, output: str | Path, *, allow_partial: bool = False, if_exists: str = "fail") -> int:
+    """Concatenate the done shards into `output`; refuses an incomplete run unless allowed, an existing
+    output unless `if_exists="overwrite"`, and any file of the run or its inputs always.
 
     Returns the number of rows written."""
     run = RunDirectory(run_dir)
-    _, shards = run.plan()
+    inputs, shards = run.plan()
+    own = [run.root, run.manifest_path, run.summary_path]
+    own += [p for s in shards for p in (run.shard_path(s), run.stats_path(s), run.failed_path(s))]
+    own += [Path(i.path) for i in inputs] + [run.root / i.staged for i in inputs if i.staged]
+    check_output(output, inputs=own, if_exists=if_exists)
     done = [s for s in shards if run.is_done(s)]
     if len(done) < len(shards) and not allow_partial:
         raise PartialRunError(
