@@ -1,8 +1,10 @@
-"""Where memscan finds its shipped files (tokenizer, profiles, demo model).
+"""Where memscan finds its shipped files (tokenizer, profiles, demo model, benchmark lists).
 
-An installed wheel carries them inside the package (`memscan/_data`, `memscan/_configs`);
-a source checkout keeps them at the repository root (`data/`, `configs/`). The environment
-variables MEMSCAN_DATA_DIR and MEMSCAN_CONFIG_DIR override both.
+A source checkout keeps them at the repository root (`data/`, `configs/`); an installed wheel
+carries the same two folders inside the package (`memscan/data`, `memscan/configs`). Both layouts
+put `configs/` next to `data/`, so a profile's relative path (the demo's `../data/demo/model`)
+means the same in each. The environment variables MEMSCAN_DATA_DIR and MEMSCAN_CONFIG_DIR
+override both.
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ def _first_existing(env: str, *candidates: Path) -> Path:
 
 
 def data_dir() -> Path:
-    """Folder holding `tokenizer/` and `demo/`."""
-    return _first_existing("MEMSCAN_DATA_DIR", _PACKAGE / "_data", _REPO / "data")
+    """Folder holding `tokenizer/`, `demo/` and `benchmark/`."""
+    return _first_existing("MEMSCAN_DATA_DIR", _PACKAGE / "data", _REPO / "data")
 
 
 def config_dir() -> Path:
     """Folder holding the model profiles (`*.toml`) and architecture configs."""
-    return _first_existing("MEMSCAN_CONFIG_DIR", _PACKAGE / "_configs", _REPO / "configs")
+    return _first_existing("MEMSCAN_CONFIG_DIR", _PACKAGE / "configs", _REPO / "configs")
 
 
 def tokenizer_dir() -> Path:
@@ -42,3 +44,8 @@ def tokenizer_dir() -> Path:
 def demo_dir() -> Path:
     """The bundled demo model and its labelled prompts."""
     return data_dir() / "demo"
+
+
+def demo_model_dir() -> Path:
+    """The bundled demo model folder (what the `demo` profile's source names)."""
+    return demo_dir() / "model"

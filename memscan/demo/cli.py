@@ -52,6 +52,13 @@ def _ints(option: str, text: str | None) -> tuple[int, ...] | None:
         raise UsageError(f"{option} takes comma-separated integers, e.g. 32,64,64 (got {text!r})") from None
 
 
+def _shipped_model() -> Path:
+    """The bundled demo model folder, in a checkout (data/demo/model) or an installed wheel."""
+    from memscan.paths import demo_model_dir
+
+    return demo_model_dir()
+
+
 @demo_app.command("train")
 def train_cmd(
     out: Annotated[Path, typer.Option(help="The diffusers model folder to write.")],
@@ -128,7 +135,7 @@ def export_cmd(
 
 @demo_app.command("verify")
 def verify_cmd(
-    model: Annotated[Path, typer.Option(help="The demo model folder.")],
+    model: Annotated[Path | None, typer.Option(help="The demo model folder (default: the bundled one).")] = None,
     seed: Annotated[int, typer.Option(help="Data seed the model was trained with.")] = 0,
     prompts: Annotated[Path | None, typer.Option(help="prompts.csv (default: rebuilt from --seed).")] = None,
     n: Annotated[int, typer.Option("--n", help="Generations per prompt.")] = 4,
@@ -140,7 +147,7 @@ def verify_cmd(
     with _errors():
         from memscan.demo.verify import verify_model
 
-        result = verify_model(model, seed=seed, prompts=prompts, n=n, gen_seed=gen_seed, out=out, device=device)
+        result = verify_model(model or _shipped_model(), seed=seed, prompts=prompts, n=n, gen_seed=gen_seed, out=out, device=device)
         typer.echo(json.dumps(result))
         if out:
             _say(f"per-prompt table -> {out}, generations -> {out.with_suffix('.npz')}")
@@ -148,7 +155,7 @@ def verify_cmd(
 
 @demo_app.command("score")
 def score_cmd(
-    model: Annotated[Path, typer.Option(help="The demo model folder.")],
+    model: Annotated[Path | None, typer.Option(help="The demo model folder (default: the bundled one).")] = None,
     seed: Annotated[int, typer.Option(help="Data seed the model was trained with.")] = 0,
     prompts: Annotated[Path | None, typer.Option(help="prompts.csv (default: rebuilt from --seed).")] = None,
     n: Annotated[int, typer.Option("--n", help="Noise samples per prompt.")] = 1,
@@ -162,7 +169,7 @@ def score_cmd(
     with _errors():
         from memscan.demo.evaluate import score_model
 
-        result = score_model(model, seed=seed, prompts=prompts, n=n, score_seed=score_seed, minimal=minimal,
+        result = score_model(model or _shipped_model(), seed=seed, prompts=prompts, n=n, score_seed=score_seed, minimal=minimal,
                              w_norm=w_norm, w_align=w_align, out=out)
         typer.echo(json.dumps(result))
         if out:
