@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperCommand, TyperGroup
 
 from memscan import __version__
 from memscan.demo.cli import demo_app
@@ -30,23 +31,120 @@ from memscan.errors import (
     MemscanError,
     UsageError,
 )
+from memscan.outputs import check_output, output_kind
 
-app = typer.Typer(
-    name="memscan",
-    help="Audit prompts for training-data memorization in Stable Diffusion models.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    # settings: defaults < --config FILE < environment (MEMSCAN_<COMMAND>_<OPTION>) < flags
-    context_settings={"auto_envvar_prefix": "MEMSCAN"},
-)
-app.add_typer(demo_app, name="demo")
-stderr = Console(stderr=True)
+METHODS_PLACEHOLDER = "{methods}"  # filled from the methods registry when help is shown (it imports torch)
+# click's error base as typer uses it (typer >= 0.2x carries its own copy of click, older typer uses click)
+ClickException: Any = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_NO_ARGS_IS_HELP: Any = getattr(sys.modules[ClickException.__module__], "NoArgsIsHelpError", ())
 
 
 def _say(line: str) -> None:
     """One unwrapped line on stderr (log lines and errors must stay greppable)."""
     typer.echo(" ".join(line.split("\n")), err=True)
+
+
+def _flag_name(param: Any) -> str:
+    """An option's long name without dashes (`--n-noise` -> `n-noise`): its config key, and with the
+    command its environment variable (MEMSCAN_DETECT_N_NOISE)."""
+    longs = [opt for opt in param.opts if opt.startswith("--")]
+    return (longs[0] if longs else param.opts[0]).lstrip("-")
+
+
+def _settable(param: Any) -> bool:
+    """A real option: one that may come from a config file or the environment (not an argument,
+    not --help or --version, which would turn `MEMSCAN_VERSION=1 memscan detect` into a no-op)."""
+    return param.param_type_name == "option" and param.expose_value and not param.is_eager
+
+
+def _wire_settings(command: Any, path: tuple[str, ...] = ()) -> None:
+    """Give every real option of every subcommand its environment variable MEMSCAN_<COMMAND>_<FLAG>
+    (shown in --help), and print help and errors as plain text: a `[` in help is text, not markup."""
+    if isinstance(command, (TyperCommand, TyperGroup)):
+        command.rich_markup_mode = None
+    for name, sub in getattr(command, "commands", {}).items():
+        _wire_settings(sub, (*path, name))
+    if not path:
+        return
+    for param in command.params:
+        if _settable(param):
+            param.envvar = "_".join(("MEMSCAN", *path, _flag_name(param))).upper().replace("-", "_")
+            param.show_envvar = True
+
+
+class _OneLineError(ClickException):
+    """A click usage error (unknown option, missing argument, bad value) shown as memscan shows every
+    error: one line on stderr, same exit code (2), no boxed panel."""
+
+    def __init__(self, original: Any) -> None:
+        super().__init__(original.format_message())
+        self.exit_code = original.exit_code
+        ctx = getattr(original, "ctx", None)
+        self.hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+
+    def show(self, file: Any = None) -> None:
+        _say(f"memscan: error: {self.message}{self.hint}")
+
+
+@contextmanager
+def _one_line_click_errors() -> Iterator[None]:
+    """Re-raise click's errors as _OneLineError (a bare `memscan` / `memscan demo` still shows help)."""
+    try:
+        yield
+    except (_OneLineError, _NO_ARGS_IS_HELP):
+        raise
+    except ClickException as exc:
+        raise _OneLineError(exc) from None
+
+
+class MemscanGroup(TyperGroup):
+    """The root command: wires settings (see _wire_settings) and keeps click's errors to one line."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _wire_settings(self)
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        with _one_line_click_errors():
+            return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _one_line_click_errors():
+            return super().invoke(ctx)
+
+
+class MethodsCommand(TyperCommand):
+    """A command whose help names the methods of the registry (imported only when help is shown)."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        if any(METHODS_PLACEHOLDER in (getattr(p, "help", None) or "") for p in self.params):
+            from memscan.methods import available_methods
+
+            names = ", ".join(available_methods())
+            for param in self.params:
+                if param.param_type_name == "option" and param.help:
+                    param.help = param.help.replace(METHODS_PLACEHOLDER, names)
+        super().format_help(ctx, formatter)
+
+
+app = typer.Typer(
+    name="memscan",
+    cls=MemscanGroup,
+    help="Audit prompts for training-data memorization in Stable Diffusion models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    # settings: defaults < --config FILE < environment (MEMSCAN_<COMMAND>_<FLAG>, see _wire_settings) < flags
+)
+app.add_typer(demo_app, name="demo")
+stderr = Console(stderr=True)
+
+
+def _text(value: Any) -> Text:
+    """A user string (prompt, file name, method spec, model path) as literal text for a rich table:
+    `[blurry]` and `[/]` are data, never markup."""
+    return Text("" if value is None else str(value))
 
 
 @contextmanager
@@ -75,8 +173,9 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-def _load_config(ctx: typer.Context, path: Path) -> dict[str, dict[str, Any]]:
-    """A TOML file with one table per command (`[detect]`, ...) as click's default_map."""
+def _load_config(ctx: typer.Context, path: Path) -> dict[str, Any]:
+    """A TOML file with one table per command (`[detect]`, `[demo.train]`, ...) as click's default_map;
+    keys are the flag names (`n-noise` or `n_noise`, `json`)."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
@@ -85,18 +184,31 @@ def _load_config(ctx: typer.Context, path: Path) -> dict[str, dict[str, Any]]:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from exc
-    commands = getattr(ctx.command, "commands", {})
-    defaults: dict[str, dict[str, Any]] = {}
-    for name, table in raw.items():
-        if name not in commands or not isinstance(table, dict):
-            raise ConfigError(f"config {path}: [{name}] is not a memscan command ({', '.join(sorted(commands))})")
-        known = {param.name for param in commands[name].params}
-        options = {key.replace("-", "_"): value for key, value in table.items()}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(f"config {path}: [{name}] has unknown options {', '.join(unknown)}")
-        defaults[name] = options
-    return defaults
+    return _config_defaults(ctx.command, raw, (), path)
+
+
+def _config_defaults(command: Any, table: dict[str, Any], where: tuple[str, ...], path: Path) -> dict[str, Any]:
+    """One config table as click's default_map for `command` (a group: one sub-table per subcommand)."""
+    commands = getattr(command, "commands", None)
+    if commands is not None:
+        defaults = {}
+        for name, sub in table.items():
+            if name not in commands or not isinstance(sub, dict):
+                raise ConfigError(f"config {path}: [{'.'.join((*where, name))}] is not a memscan command "
+                                  f"(commands: {', '.join(sorted(commands))})")
+            defaults[name] = _config_defaults(commands[name], sub, (*where, name), path)
+        return defaults
+    keys: dict[str, str] = {}
+    for param in command.params:
+        if _settable(param) and param.name:
+            flag = _flag_name(param)
+            keys[flag] = keys[flag.replace("-", "_")] = param.name
+    unknown = sorted(key for key in table if key not in keys)
+    if unknown:
+        valid = sorted({_flag_name(p) for p in command.params if _settable(p)})
+        raise ConfigError(f"config {path}: [{'.'.join(where)}] has unknown options {', '.join(unknown)}; "
+                          f"valid: {', '.join(valid)}")
+    return {keys[key]: value for key, value in table.items()}
 
 
 @app.callback()
@@ -150,12 +262,16 @@ def _default_output(input_path: Path) -> Path:
     return Path(f"{name}.scores.parquet")
 
 
-@app.command()
+@app.command(cls=MethodsCommand, epilog=(
+    "\b\nExamples:\n"
+    "  memscan detect prompts.csv -o scores.parquet --model sd-v1-4\n"
+    "  memscan detect captions/ -o audit/ --model sd-v1-4 --gpus all   # a run directory"
+))
 def detect(
     input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Prompts: CSV, TSV, Parquet, JSONL or TXT (optionally .gz); a folder or glob for a run directory.")],
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="A .parquet file, or a run directory (sharded, resumable) (default: INPUT-NAME.scores.parquet).")] = None,
+    output: Annotated[str | None, typer.Option("-o", "--output", help="A .parquet file, or a run directory (sharded, resumable): an existing directory, a path ending in '/', or a name with no suffix; other suffixes are refused (default: INPUT-NAME.scores.parquet).")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, .safetensors file, or hub id.")] = "demo",
-    method: Annotated[str, typer.Option(help="Detection method.")] = "anisotropy",
+    method: Annotated[str, typer.Option(help=f"Detection method: {METHODS_PLACEHOLDER}; options as NAME:key=value, e.g. wen:steps=10.")] = "anisotropy",
     n_noise: Annotated[int, typer.Option("--n-noise", help="Initial noises per prompt (n).")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the shared noise bank.")] = 51,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per UNet call (halved on out-of-memory).")] = 16,
@@ -193,8 +309,8 @@ def detect(
             architecture=architecture, allow_pickle=allow_pickle, prompt_column=prompt_column,
             id_column=id_column, store_prompt=store_prompt,
         )
-        output = output or _default_output(input_path)
-        if _is_run_directory(output):
+        output = output or str(_default_output(input_path))
+        if output_kind(output) == "run":
             from memscan.run import RunOptions, run_detect
 
             options = RunOptions(shard_size=shard_size, if_exists=if_exists or "resume", retry_errors=retry_errors)
@@ -206,12 +322,7 @@ def detect(
             raise typer.Exit(outcome.exit_code)
         if gpus or workers or executor != "local" or retry_errors:
             raise UsageError("--gpus, --workers, --executor and --retry-errors need a run directory (-o DIR)")
-        _detect_file(input_path, output, settings, if_exists or "fail", top, json_summary, fail_on_flagged, log_interval)
-
-
-def _is_run_directory(output: Path) -> bool:
-    """An output that is not a .parquet file names a run directory (sharded, resumable)."""
-    return output.suffix.lower() != ".parquet"
+        _detect_file(input_path, Path(output), settings, if_exists or "fail", top, json_summary, fail_on_flagged, log_interval)
 
 
 def _detect_file(input_path: Path, output: Path, settings: Any, if_exists: str, top: int, json_summary: bool,
@@ -251,7 +362,7 @@ def _report_run(summary: dict[str, Any], json_summary: bool) -> None:
     )
 
 
-@app.command("status")
+@app.command("status", epilog="\b\nExample:\n  memscan status audit/ --json")
 def run_status(
     run_dir: Annotated[Path, typer.Argument(help="A run directory made by `memscan detect -o DIR` or `memscan mitigate -o DIR`.")],
     json_summary: Annotated[bool, typer.Option("--json", help="Print the status as JSON on stdout.")] = False,
@@ -275,17 +386,18 @@ def run_status(
         Console().print(table)
 
 
-@app.command("merge")
+@app.command("merge", epilog="\b\nExample:\n  memscan merge audit/ -o scores.parquet")
 def merge(
     run_dir: Annotated[Path, typer.Argument(help="A run directory made by `memscan detect -o DIR` or `memscan mitigate -o DIR`.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The merged scores (or rewrites) .parquet file.")],
     partial: Annotated[bool, typer.Option("--partial", help="Merge the done shards of an unfinished run.")] = False,
+    if_exists: Annotated[str, typer.Option("--if-exists", help="Output exists: fail or overwrite (never over an input).")] = "fail",
 ) -> None:
     """Merge a run directory's shards into one scores file (in input order)."""
     with cli_errors():
         from memscan.run.merge import merge_run
 
-        rows = merge_run(run_dir, output, allow_partial=partial)
+        rows = merge_run(run_dir, output, allow_partial=partial, if_exists=if_exists)
         _say(f"{rows} rows -> {output}")
 
 
@@ -346,7 +458,7 @@ def _diff_table(result: Any, limit: int) -> Table:
     return table
 
 
-@app.command("models")
+@app.command("models", epilog="\b\nExample:\n  memscan models")
 def list_models() -> None:
     """List the shipped model profiles."""
     with cli_errors():
@@ -357,8 +469,8 @@ def list_models() -> None:
             table.add_column(column, no_wrap=column != "source", overflow="fold")
         for name in available_profiles():
             p = load_profile(name)
-            table.add_row(name, p.source, p.prediction_type, str(p.resolution), str(p.w_norm), str(p.w_align),
-                          "-" if p.threshold is None else f"{p.threshold:.4g}")
+            table.add_row(*map(_text, (name, p.source, p.prediction_type, p.resolution, p.w_norm, p.w_align,
+                                       "-" if p.threshold is None else f"{p.threshold:.4g}")))
         Console().print(table)
 
 
@@ -369,14 +481,14 @@ def _table_console() -> Console:
 
 def _evaluation_table(rows: list[dict[str, Any]], title: str) -> Table:
     """One line per method, target FPR and convention: TPR, the FPR reached and its threshold."""
-    table = Table(title=title, title_justify="left")
+    table = Table(title=_text(title), title_justify="left")
     for column in ("method", "mem", "not", "AUC", "target FPR", "convention", "TPR", "FPR", "threshold"):
         table.add_column(column, justify="left" if column in ("method", "convention") else "right")
     for row in rows:
         first = True
         for target, by_convention in row["tpr_at_fpr"].items():
             for convention, p in by_convention.items():
-                head = (row["name"], str(row["n_memorized"]), str(row["n_not_memorized"]), f"{row['auc']:.3f}")
+                head = (_text(row["name"]), str(row["n_memorized"]), str(row["n_not_memorized"]), f"{row['auc']:.3f}")
                 table.add_row(*(head if first else ("", "", "", "")), f"{float(target):.0%}", convention,
                               f"{p['tpr']:.3f}", f"{p['fpr']:.3f}", f"> {p['threshold']:.6g}")
                 first = False
@@ -386,7 +498,7 @@ def _evaluation_table(rows: list[dict[str, Any]], title: str) -> Table:
 
 def _bench_table(rows: list[dict[str, Any]], title: str) -> Table:
     """The papers' Table 1 layout: AUC, TPR@FPR (both conventions), seconds and UNet evaluations per prompt."""
-    table = Table(title=title, title_justify="left")
+    table = Table(title=_text(title), title_justify="left")
     table.add_column("method")
     table.add_column("AUC", justify="right")
     keys = [(t, c) for t, by in rows[0]["tpr_at_fpr"].items() for c in by]
@@ -396,12 +508,12 @@ def _bench_table(rows: list[dict[str, Any]], title: str) -> Table:
     table.add_column("UNet/prompt", justify="right")
     for row in rows:
         tprs = [f"{row['tpr_at_fpr'][t][c]['tpr']:.3f}" for t, c in keys]
-        table.add_row(row["name"], f"{row['auc']:.3f}", *tprs, f"{row['seconds_per_prompt']:.3g}",
+        table.add_row(_text(row["name"]), f"{row['auc']:.3f}", *tprs, f"{row['seconds_per_prompt']:.3g}",
                       str(row["unet_evals_per_prompt"]))
     return table
 
 
-@app.command("evaluate")
+@app.command("evaluate", epilog="\b\nExample:\n  memscan evaluate scores.parquet wen.parquet --labels prompts.csv --json")
 def evaluate_cmd(
     scores: Annotated[list[Path], typer.Argument(metavar="SCORES...", help="Scores Parquet files (one per method).")],
     labels: Annotated[Path | None, typer.Option(help="Labels: any prompt file with a label column (1/0, memorized/not_memorized); joined on prompt_id, else prompt text (default: a label column in SCORES).")] = None,
@@ -421,7 +533,9 @@ def evaluate_cmd(
         _table_console().print(_evaluation_table(rows, "detection on labelled prompts (closest: reference code; below: Wen et al.)"))
 
 
-@app.command("calibrate")
+@app.command("calibrate", epilog=(
+    "\b\nExample:\n  memscan calibrate cal.parquet --labels labelled.csv -o my-model.toml --holdout 0.3"
+))
 def calibrate_cmd(
     scores: Annotated[Path, typer.Argument(metavar="SCORES", help="Scores Parquet file of labelled prompts (anisotropy: norm and alignment columns).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Profile TOML to write; use it as `detect --model FILE.toml`.")],
@@ -434,6 +548,7 @@ def calibrate_cmd(
     holdout: Annotated[float, typer.Option(help="Share of labelled prompts kept aside to measure FPR/TPR on (stratified).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the holdout split.")] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the calibration as JSON on stdout.")] = False,
+    if_exists: Annotated[str, typer.Option("--if-exists", help="Output exists: fail or overwrite (never over an input).")] = "fail",
 ) -> None:
     """Fit the term weights and the threshold at a target FPR on clean prompts; write a profile."""
     with cli_errors():
@@ -441,7 +556,7 @@ def calibrate_cmd(
 
         profile, result = calibrate_scores(
             scores, output, labels_path=labels, model=model, target_fpr=target_fpr, confidence=confidence, fit=fit, holdout=holdout,
-            seed=seed, label_column=label_column,
+            seed=seed, label_column=label_column, if_exists=if_exists,
         )
         if json_out:
             typer.echo(json.dumps({"profile": str(output), **result.to_dict()}, indent=2))
@@ -465,7 +580,7 @@ def calibrate_cmd(
                  "the threshold is just above the largest clean score")
 
 
-@app.command("report")
+@app.command("report", epilog="\b\nExample:\n  memscan report scores.parquet wen.parquet --labels prompts.csv -o report.html")
 def report_cmd(
     scores: Annotated[list[Path], typer.Argument(metavar="SCORES...", help="Scores Parquet files (one per method).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="HTML file to write.")] = Path("report.html"),
@@ -474,20 +589,27 @@ def report_cmd(
     threshold: Annotated[float | None, typer.Option(help="Threshold to draw (default: the one the scores were flagged with).")] = None,
     top: Annotated[int, typer.Option(help="Top-scored prompts listed per method.")] = 20,
     title: Annotated[str, typer.Option(help="Page title.")] = "memscan report",
+    if_exists: Annotated[str, typer.Option("--if-exists", help="Output exists: fail or overwrite (never over an input).")] = "fail",
 ) -> None:
     """One self-contained HTML page: histograms, ROC curves, threshold, top flagged prompts."""
     with cli_errors():
         from memscan.report import load_report_inputs, write_report
 
+        inputs = [*scores, *([labels] if labels is not None else [])]
+        check_output(output, inputs=inputs, if_exists=if_exists, what="report")  # before reading anything
         items = load_report_inputs(scores, labels=labels, label_column=label_column, threshold=threshold)
-        _say(f"report -> {write_report(items, output, title=title, top=top)}")
+        _say(f"report -> {write_report(items, output, inputs=inputs, if_exists=if_exists, title=title, top=top)}")
 
 
-@app.command("bench")
+@app.command("bench", cls=MethodsCommand, epilog=(
+    "\b\nExamples:\n"
+    "  memscan bench --model sd-v1-4 --device cuda --methods anisotropy,wen\n"
+    "  memscan bench --model demo --out-dir bench/ --report bench.html"
+))
 def bench_cmd(
     model: Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, .safetensors file, or hub id.")] = "demo",
     suite: Annotated[str | None, typer.Option(help="sd1 (sd1_mem vs sd1_nmem), sd2 (sd2_mem vs sd1_nmem), demo, or a prompt file with a label column (default: by model).")] = None,
-    methods: Annotated[str, typer.Option(help="Comma-separated method specs, e.g. anisotropy,wen:steps=10.")] = "anisotropy,wen,norm,alignment,sharpness",
+    methods: Annotated[str, typer.Option(help=f"Comma-separated method specs of {METHODS_PLACEHOLDER}, options as NAME:key=value, e.g. anisotropy,wen:steps=10.")] = "anisotropy,wen,norm,alignment,sharpness",
     limit: Annotated[int | None, typer.Option(help="At most this many prompts of each class (seeded sample).")] = None,
     n_noise: Annotated[int, typer.Option("--n-noise", help="Initial noises per prompt (n).")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the shared noise bank.")] = 51,
@@ -497,15 +619,18 @@ def bench_cmd(
     out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Write one scores Parquet per method and labels.csv here.")] = None,
     report: Annotated[Path | None, typer.Option(help="Also write the HTML report here.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
+    if_exists: Annotated[str, typer.Option("--if-exists", help="Output exists: fail or overwrite (never over an input).")] = "fail",
 ) -> None:
     """The public benchmark (or the demo's labelled prompts) for every method: AUC, TPR@FPR, speed."""
     with cli_errors():
-        from memscan.bench import run_bench
+        from memscan.bench import check_bench_settings, run_bench
 
         specs = [m.strip() for m in methods.split(",") if m.strip()]
+        check_bench_settings(specs, suite=suite, limit=limit, n_noise=n_noise, batch_size=batch_size, out_dir=out_dir,
+                             report=report, if_exists=if_exists)  # before the model loads
         suite_name, results = run_bench(
             model, methods=specs, suite=suite, limit=limit, n_noise=n_noise, seed=seed, batch_size=batch_size,
-            device=device, dtype=dtype, out_dir=out_dir,
+            device=device, dtype=dtype, out_dir=out_dir, if_exists=if_exists,
         )
         rows = [{**r.to_dict(), "name": r.method} for r in results]
         for r in results:
@@ -519,13 +644,17 @@ def bench_cmd(
             from memscan.report import ReportInput, write_report
 
             items = [ReportInput(r.method, r.scores, r.facts, r.facts.get("threshold")) for r in results]
-            _say(f"report -> {write_report(items, report, title=f'memscan bench: {model} on {suite_name}')}")
+            _say(f"report -> {write_report(items, report, if_exists=if_exists, title=f'memscan bench: {model} on {suite_name}')}")
 
 
-@app.command("mitigate")
+@app.command("mitigate", epilog=(
+    "\b\nExamples:\n"
+    "  memscan mitigate scores.parquet -o rewritten.parquet --emit-embeddings embeds.safetensors\n"
+    "  memscan mitigate audit/shards/ -o rewrites/ --gpus all   # a run directory"
+))
 def mitigate_cmd(
     input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Prompts (CSV, TSV, Parquet, JSONL, TXT) or a `detect` output Parquet (its flagged rows); a folder or glob for a run directory.")],
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="A .parquet file, or a run directory (sharded, resumable) (default: INPUT-NAME.mitigated.parquet).")] = None,
+    output: Annotated[str | None, typer.Option("-o", "--output", help="A .parquet file, or a run directory (sharded, resumable): an existing directory, a path ending in '/', or a name with no suffix; other suffixes are refused (default: INPUT-NAME.mitigated.parquet).")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, .safetensors file, or hub id.")] = "demo",
     target: Annotated[float | None, typer.Option(help="Rewrite until the score is below this (default: the profile's threshold).")] = None,
     min_similarity: Annotated[float, typer.Option("--min-similarity", help="Least text similarity (see --similarity) of a rewrite to the original.")] = 0.8,
@@ -574,8 +703,8 @@ def mitigate_cmd(
             all_rows=all_rows, emit_embeddings=emit_embeddings, embedding_steps=embedding_steps,
         )
         default = _default_output(input_path).name.removesuffix(".scores.parquet") + ".mitigated.parquet"
-        output = output or Path(default)
-        if _is_run_directory(output):
+        output = output or default
+        if output_kind(output) == "run":
             from memscan.mitigation.run import run_mitigate
             from memscan.run import RunOptions
 
