@@ -8,7 +8,8 @@
 #
 # Results: $OUT/<step>.json (see benchmarks/README.md), logs $OUT/<step>.log, $OUT/gpu_check.log.
 # Needs: python3 with torch (CUDA), diffusers, transformers; memscan importable from the checkout
-# (PYTHONPATH gets the repository root, and /tmp/site when it exists).
+# (PYTHONPATH gets the repository root; SITE=DIR also puts DIR, a `pip install --target DIR` of
+# the dependencies, in front: use a folder only you can write, e.g. from `mktemp -d`).
 # Run from the repository root:  OUT=/some/folder bash benchmarks/gpu_check.sh
 # SMOKE=1 runs the same steps on the tiny model on CPU in seconds (to test this script).
 set -euo pipefail
@@ -18,8 +19,10 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu_check}"
 mkdir -p "$OUT"
 PYTHON="${PYTHON:-python3}"
-SITE="${SITE:-/tmp/site}"
-if [ -d "$SITE" ]; then
+# Only a folder the caller names goes on the import path: never a fixed, world-writable one
+# under /tmp, where anyone on the machine could plant a module that this script imports.
+if [ -n "${SITE:-}" ]; then
+    [ -d "$SITE" ] || { echo "SITE=$SITE is not a folder" >&2; exit 2; }
     export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

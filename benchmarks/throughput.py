@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-DEFAULT_PROMPTS_FILE = Path("/work/shared/data/benchmark/sd1_mem.txt")
+DEFAULT_PROMPTS_FILE = "benchmark/sd1_mem.txt"  # under memscan's data folder (data/ in a checkout)
 RANDOM_ARCHES = ("tiny", "sd-v1", "sd-v2", "sd-v2-base")
 # The shipped profile that holds each architecture's scoring settings (weights, v convention).
 ARCH_PROFILES = {"sd-v1": "sd-v1-4", "sd-v2": "sd-v2", "sd-v2-base": "sd-v2-base"}
@@ -399,8 +399,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=32, help="prompts scored by memscan")
     parser.add_argument("--reference-prompts", type=int, default=8,
                         help="prompts scored by the slow reference protocol (the first M of memscan's)")
-    parser.add_argument("--prompts-file", type=Path, default=DEFAULT_PROMPTS_FILE,
-                        help="one prompt per line; falls back to a built-in list when unreadable")
+    parser.add_argument("--prompts-file", type=Path, default=None,
+                        help="one prompt per line (default: the shipped data/benchmark/sd1_mem.txt); "
+                        "falls back to a built-in list when unreadable")
     parser.add_argument("--n-noise", type=int, default=1, help="noise samples per prompt (n)")
     parser.add_argument("--batch-size", type=_batch_sizes, default=[16],
                         help="memscan prompts per UNet call; a comma list (8,16,32) times each")
@@ -419,6 +420,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.prompts < 1 or args.reference_prompts < 0 or args.n_noise < 1 or args.threads < 1:
         parser.error("--prompts, --n-noise and --threads must be >= 1, --reference-prompts >= 0")
+    if args.prompts_file is None:
+        from memscan.paths import data_dir
+
+        args.prompts_file = data_dir() / DEFAULT_PROMPTS_FILE
     if args.model is None and args.arch is None:
         from memscan.models.profiles import profile_path
 

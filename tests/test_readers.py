@@ -14,10 +14,11 @@ import pytest
 
 from memscan.errors import InputError
 from memscan.io import OUTPUT_COLUMNS, PromptSource, read_prompts
+from memscan.paths import data_dir
 
 PROMPTS = ["a photo of a cat", "NA", "", "  ", 'comma, semicolon; pipe| "quote"', "日本語 🙂"]
 IDS = ["p0", "p1", "p2", "p3", "p4", "p5"]
-BENCHMARK = Path("/work/shared/data/benchmark/memorized_laion_prompts.csv")
+BENCHMARK = data_dir() / "benchmark" / "sd1_mem.txt"  # shipped with memscan (data/benchmark/README.md)
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -100,15 +101,13 @@ def test_text_formats_stream_instead_of_reading_everything(tmp_path, name, bad_l
         list(batches)
 
 
-def test_benchmark_csv_is_semicolon_separated_with_an_index_column():
-    if not BENCHMARK.is_file():
-        pytest.skip(f"{BENCHMARK} not present")
+def test_benchmark_list_is_read_line_for_line():
+    """The shipped benchmark list: one prompt a line, as written (line 4 keeps its double quotes)."""
     source = PromptSource(BENCHMARK)
-    assert source.prompt_column == "Caption" and source.columns[0] == "Unnamed: 0"
-    with BENCHMARK.open(encoding="utf-8", newline="") as fh:
-        expected = [row["Caption"] for row in csv.DictReader(fh, delimiter=";")]
+    expected = BENCHMARK.read_text(encoding="utf-8").splitlines()
     df = source.read()
     assert df["prompt"].tolist() == expected and len(df) == source.count_rows() == 500
+    assert expected[3].startswith('"Watch: Passion Pit')
 
 
 @pytest.mark.parametrize("sep", [",", ";", "\t", "|"])

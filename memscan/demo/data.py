@@ -4,7 +4,7 @@ Every image is one shape (circle, square, triangle, cross, ring, diamond; small 
 of ten colours, with a texture (plain, striped, dotted, checkered), at a random position, on a
 background of another colour with low-frequency colour noise and a few stray pixels.
 
-Caption kinds (the LAION-like design of issue 3 and ../shared/docs/demo-model-notes.md):
+Caption kinds (the LAION-like design of issue 3):
 
 - verbatim (memorized): a caption that describes its image and carries a distinctive phrase
   whose words appear in no other caption ("a large blue triangle, the sapphire raven of
