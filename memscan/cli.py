@@ -297,6 +297,8 @@ def detect(
     top: Annotated[int, typer.Option(help="Top-scored prompts to show (single-file output).")] = 10,
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     fail_on_flagged: Annotated[bool, typer.Option("--fail-on-flagged", help=f"Exit {EXIT_FLAGGED} when prompts are flagged.")] = False,
+    previous: Annotated[Path | None, typer.Option("--previous", help="The last audit (scores file or run directory): the summary counts prompts newly flagged, no longer flagged, added, removed, unscored since (see `memscan diff`).")] = None,
+    fail_on_new_flagged: Annotated[bool, typer.Option("--fail-on-new-flagged", help=f"Exit {EXIT_FLAGGED} only when a prompt is flagged that was not flagged in --previous.")] = False,
 ) -> None:
     """Score every prompt with the anisotropy memorization metric and write Parquet."""
     with cli_errors():
@@ -316,25 +318,31 @@ def detect(
             options = RunOptions(shard_size=shard_size, if_exists=if_exists or "resume", retry_errors=retry_errors)
             outcome = run_detect(
                 input_path, output, settings, options, executor=executor, workers=workers, gpus=gpus,
-                fail_on_flagged=fail_on_flagged, log_interval=log_interval,
+                fail_on_flagged=fail_on_flagged, log_interval=log_interval, previous=previous,
+                fail_on_new_flagged=fail_on_new_flagged,
             )
             _report_run(outcome.summary, json_summary)
             raise typer.Exit(outcome.exit_code)
         if gpus or workers or executor != "local" or retry_errors:
             raise UsageError("--gpus, --workers, --executor and --retry-errors need a run directory (-o DIR)")
-        _detect_file(input_path, Path(output), settings, if_exists or "fail", top, json_summary, fail_on_flagged, log_interval)
+        _detect_file(input_path, Path(output), settings, if_exists or "fail", top, json_summary, fail_on_flagged, log_interval, previous=previous,
+                     fail_on_new_flagged=fail_on_new_flagged)
 
 
 def _detect_file(input_path: Path, output: Path, settings: Any, if_exists: str, top: int, json_summary: bool,
-                 fail_on_flagged: bool, log_interval: float = 60.0) -> None:
+                 fail_on_flagged: bool, log_interval: float = 60.0,
+                 previous: Path | None = None, fail_on_new_flagged: bool = False) -> None:
     """Single-file detect: score everything in one go and write one Parquet file.
 
     Progress goes to stderr: a live bar on a terminal, else a line every `log_interval` seconds."""
     from memscan.detect import detect as run_detect_file
     from memscan.progress import Progress
 
+    if fail_on_new_flagged and previous is None:
+        raise UsageError("--fail-on-new-flagged needs --previous (the last audit's scores file or run directory)")
+
     progress = Progress(interval=log_interval, stream=sys.stderr)
-    summary = run_detect_file(input_path, output, settings, if_exists=if_exists, top=top, progress=progress).summary
+    summary = run_detect_file(input_path, output, settings, if_exists=if_exists, top=top, progress=progress, previous=previous).summary
     if json_summary:
         typer.echo(json.dumps(summary, indent=2))
     if top > 0 and (stderr.is_terminal or not json_summary):
@@ -344,10 +352,25 @@ def _detect_file(input_path: Path, output: Path, settings: Any, if_exists: str, 
     _say(
         f"{summary['rows']} rows, {summary['scored']} scored, {summary['skipped_empty']} empty, "
         f"{'no threshold' if flagged is None else f'{flagged} flagged'}, "
-        f"{summary['prompts_per_second']} prompts/s -> {summary['output']}"
+        f"{summary['prompts_per_second']} prompts/s -> {summary['output']}{_since(summary)}"
     )
     if fail_on_flagged and flagged:
         raise FlaggedPromptsError(f"{flagged} prompts flagged")
+    newly = (summary.get("changes") or {}).get("newly_flagged")
+    if fail_on_new_flagged and newly:
+        raise FlaggedPromptsError(f"{newly} prompts newly flagged since {previous}")
+
+
+def _since(summary: dict[str, Any]) -> str:
+    """The closing line's tail with --previous: what changed since the last audit."""
+    if "changes" not in summary:
+        return ""
+    changes = summary["changes"]
+    if changes is None:
+        return "; not compared with --previous: the run is not complete"
+    from memscan.diff import counts_line
+
+    return f"; since {changes['previous']}: {counts_line(changes)}"
 
 
 def _report_run(summary: dict[str, Any], json_summary: bool) -> None:
@@ -358,7 +381,7 @@ def _report_run(summary: dict[str, Any], json_summary: bool) -> None:
     _say(
         f"{summary['done']}/{summary['shards']} shards done, {summary['failed']} failed, "
         f"{summary['rows_done']}/{summary['rows']} rows, {summary['failed_rows']} failed rows, "
-        f"{'no threshold' if flagged is None else f'{flagged} flagged'} -> {summary['run_dir']}"
+        f"{'no threshold' if flagged is None else f'{flagged} flagged'} -> {summary['run_dir']}{_since(summary)}"
     )
 
 

@@ -147,6 +147,7 @@ def detect(
     if_exists: str = "fail",
     top: int = 10,
     progress: Progress | None = None,
+    previous: str | Path | None = None,
 ) -> DetectResult:
     """Score every prompt in `input_path` and write the scores to `output` (Parquet).
 
@@ -160,6 +161,11 @@ def detect(
     frame = source.read()
     if frame.empty:
         raise InputError(f"{input_path}: no prompts (the file has no rows)")
+    prior = None
+    if previous is not None:  # compared after scoring (summary "changes"); checked now, before the model loads
+        from memscan.diff import read_previous
+
+        prior = read_previous(previous, output_path)
     started = time.perf_counter()
     if progress is not None:
         name = settings.model if model is None else model.profile.name
@@ -192,4 +198,8 @@ def detect(
     summary = {**summarize(scores, seconds=seconds, top=top, seconds_load=seconds_load),
                "output": str(output_path) if output_path else None,
                "model": facts["model"], "method": facts["method"], "threshold": scorer.threshold}
+    if prior is not None:
+        from memscan.diff import ScoreSet, changes_since
+
+        summary["changes"] = changes_since(prior, ScoreSet(scores, facts, str(output_path or input_path)))
     return DetectResult(scores=scores, summary=summary, output=output_path)

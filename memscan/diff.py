@@ -21,6 +21,7 @@ threshold, ...) are compared and every difference is named (`differences`, `warn
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ ENTRY_COLUMNS = (
 # facts that say where or when a file was made, not how its numbers were computed; the fingerprint is
 # left out too: a run directory's covers its inputs and shard plan, which change whenever the data grows
 NOT_COMPARED = frozenset({"memscan_version", "input", "fingerprint", "merged_shards", "complete"})
+
+log = logging.getLogger("memscan")
 
 
 @dataclass
@@ -168,17 +171,21 @@ class ScoreDiff:
 
     def line(self) -> str:
         """The one-line summary."""
-        c = self.counts
-        return (
-            f"{c['newly_flagged']} newly flagged, {c['no_longer_flagged']} no longer flagged, "
-            f"{c['still_flagged']} still flagged, {c['added']} added, {c['removed']} removed, "
-            f"{c['unscored']} unscored ({c['old_rows']} -> {c['new_rows']} rows)"
-        )
+        return counts_line(self.counts)
 
     @staticmethod
     def _side(source: str, facts: dict[str, Any], rows: int) -> dict[str, Any]:
         return {"source": source, "rows": rows, "model": facts.get("model"), "method": facts.get("method"),
                 "threshold": facts.get("threshold"), "fingerprint": facts.get("fingerprint")}
+
+
+def counts_line(c: dict[str, Any]) -> str:
+    """'N newly flagged, ... (OLD -> NEW rows)': the counts of a diff (or of a summary's `changes`)."""
+    return (
+        f"{c['newly_flagged']} newly flagged, {c['no_longer_flagged']} no longer flagged, "
+        f"{c['still_flagged']} still flagged, {c['added']} added, {c['removed']} removed, "
+        f"{c['unscored']} unscored ({c['old_rows']} -> {c['new_rows']} rows)"
+    )
 
 
 def entries(frame: pd.DataFrame) -> list[dict[str, Any]]:
@@ -296,3 +303,24 @@ def check_strict(result: ScoreDiff) -> None:
         named = ", ".join(result.differences)
         raise UsageError(f"{result.old_source} and {result.new_source} were scored differently ({named}); "
                          "drop --strict to compare them anyway")
+
+
+# --------------------------------------------------------------------------- detect --previous
+
+
+def read_previous(previous: str | Path, output: str | Path | None = None, *, run_directory: bool = False) -> ScoreSet:
+    """`detect --previous`: read and checked before any scoring, so a bad one costs nothing.
+
+    A file output may be its own previous (it is read before it is replaced); a run directory may
+    not, since it is resumed, not replaced."""
+    if run_directory and output is not None and Path(previous).resolve() == Path(output).resolve():
+        raise UsageError(f"--previous {previous} is the run directory being written; give the last run's output")
+    return load_scores(previous)
+
+
+def changes_since(previous: ScoreSet, current: ScoreSet) -> dict[str, Any]:
+    """The `changes` entry of a detect summary (counts, differing facts); warnings go to the log."""
+    result = diff_scores(previous, current)
+    for warning in result.warnings:
+        log.warning("%s", warning)
+    return result.summary()

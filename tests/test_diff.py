@@ -222,3 +222,106 @@ def test_run_directory_is_read_through_its_shards(tiny_model_dir: Path, prompts_
     cli = runner.invoke(app, ["diff", str(run), str(tmp_path / "merged.parquet")])
     assert cli.exit_code == 4
     assert "1 of 3 shards are not done" in cli.stderr and len(cli.stderr.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- detect --previous
+
+ALL_PROMPTS = {
+    "a": "a photo of a cat", "b": "a red square on a blue background", "c": "",
+    "d": "the mona lisa by leonardo da vinci", "e": "a dog running on the beach",
+    "f": "an oil painting of a ship in a storm", "g": "a portrait of a woman with a pearl earring",
+}
+
+
+@pytest.fixture(scope="module")
+def nightly(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, float, str]:
+    """Yesterday's prompts, today's (one more: the highest-scoring prompt), and a threshold flagging
+    today's top three; the probe scores all of them once to place the threshold between scores."""
+    from memscan.detect import detect
+
+    folder = tmp_path_factory.mktemp("nightly")
+    today = folder / "today.csv"
+    pd.DataFrame({"id": list(ALL_PROMPTS), "prompt": list(ALL_PROMPTS.values())}).to_csv(today, index=False)
+    probe = detect(today, None, DetectSettings(model=str(tiny_model_dir), device="cpu", id_column="id")).scores
+    ranked = probe[probe["status"] == "ok"].sort_values("score", ascending=False)
+    scores = list(ranked["score"])
+    assert scores[2] - scores[3] > 1e-3  # room for batch-to-batch rounding on either side
+    threshold = float(scores[2] + scores[3]) / 2
+    top = str(ranked["prompt_id"].iloc[0])
+    yesterday = folder / "yesterday.csv"
+    pd.DataFrame({"id": [k for k in ALL_PROMPTS if k != top],
+                  "prompt": [v for k, v in ALL_PROMPTS.items() if k != top]}).to_csv(yesterday, index=False)
+    return yesterday, today, threshold, top
+
+
+def _run(model: Path, *args: object):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, ["detect", *map(str, args), "--model", str(model), "--device", "cpu",
+                               "--id-column", "id"])
+
+
+def test_detect_previous_single_file(nightly: tuple[Path, Path, float, str], tiny_model_dir: Path,
+                                     tmp_path: Path) -> None:
+    yesterday, today, threshold, top = nightly
+    t = ("--threshold", threshold)
+    first = _run(tiny_model_dir, yesterday, "-o", tmp_path / "1.parquet", *t, "--fail-on-new-flagged",
+                 "--previous", tmp_path / "none.parquet")
+    assert first.exit_code == 4 and not (tmp_path / "1.parquet").exists()  # refused before scoring
+    assert "none.parquet: no such scores file or run directory" in first.stderr
+    assert _run(tiny_model_dir, yesterday, "-o", tmp_path / "1.parquet", *t).exit_code == 0
+    second = _run(tiny_model_dir, today, "-o", tmp_path / "2.parquet", *t, "--previous", tmp_path / "1.parquet",
+                  "--fail-on-new-flagged", "--json")
+    assert second.exit_code == 10, second.output
+    changes = json.loads(second.stdout)["changes"]
+    assert changes["previous"] == str(tmp_path / "1.parquet")
+    assert {k: changes[k] for k in ("newly_flagged", "no_longer_flagged", "still_flagged", "added", "removed",
+                                    "unscored")} == {"newly_flagged": 1, "no_longer_flagged": 0, "still_flagged": 2,
+                                                     "added": 1, "removed": 0, "unscored": 1}
+    assert changes["unscored_by_status"] == {"skipped_empty": 1} and changes["differences"] == {}
+    closing = second.stderr.strip().splitlines()
+    assert any(line.endswith(f"since {tmp_path / '1.parquet'}: 1 newly flagged, 0 no longer flagged, 2 still flagged, "
+                             "1 added, 0 removed, 1 unscored (6 -> 7 rows)") for line in closing), closing
+    # tomorrow's rerun of the same input, the output its own previous (the README's crontab line):
+    # the same three prompts are flagged, nothing new
+    third = _run(tiny_model_dir, today, "-o", tmp_path / "2.parquet", "--if-exists", "overwrite", *t,
+                 "--previous", tmp_path / "2.parquet", "--fail-on-new-flagged", "--json")
+    assert third.exit_code == 0, third.output
+    assert json.loads(third.stdout)["flagged"] == 3 and json.loads(third.stdout)["changes"]["newly_flagged"] == 0
+    assert json.loads(third.stdout)["changes"]["still_flagged"] == 3
+    # --fail-on-flagged keeps its meaning: any flag
+    assert _run(tiny_model_dir, today, "-o", tmp_path / "4.parquet", *t, "--previous", tmp_path / "2.parquet",
+                "--fail-on-flagged").exit_code == 10
+
+
+def test_detect_previous_run_directory(nightly: tuple[Path, Path, float, str], tiny_model_dir: Path,
+                                       tmp_path: Path) -> None:
+    yesterday, today, threshold, top = nightly
+    t = ("--threshold", threshold, "--shard-size", 3)
+    assert _run(tiny_model_dir, yesterday, "-o", tmp_path / "1.parquet", "--threshold", threshold).exit_code == 0
+    second = _run(tiny_model_dir, today, "-o", tmp_path / "run2", *t, "--previous", tmp_path / "1.parquet",
+                  "--fail-on-new-flagged", "--json")
+    assert second.exit_code == 10, second.output
+    changes = json.loads(second.stdout)["changes"]
+    assert (changes["newly_flagged"], changes["added"], changes["still_flagged"]) == (1, 1, 2)
+    assert json.loads((tmp_path / "run2" / "summary.json").read_text())["changes"]["newly_flagged"] == 1
+    assert any(line.endswith(f"since {tmp_path / '1.parquet'}: 1 newly flagged, 0 no longer flagged, 2 still flagged, "
+                             "1 added, 0 removed, 1 unscored (6 -> 7 rows)") for line in second.stderr.splitlines())
+    (tmp_path / "latest").symlink_to(tmp_path / "run2")  # the README's crontab moves a `latest` link
+    third = _run(tiny_model_dir, today, "-o", tmp_path / "run3", *t, "--previous", tmp_path / "latest",
+                 "--fail-on-new-flagged")
+    assert third.exit_code == 0, third.output
+    assert json.loads((tmp_path / "run3" / "summary.json").read_text())["changes"]["still_flagged"] == 3
+    # the run being written is not its own previous
+    same = _run(tiny_model_dir, today, "-o", tmp_path / "run3", *t, "--previous", tmp_path / "run3")
+    assert same.exit_code == 2 and "--previous" in same.stderr and len(same.stderr.strip().splitlines()) == 1
+
+
+def test_detect_previous_bad_usage(tiny_model_dir: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("id,prompt\nx,a cat\ny,a dog\n", encoding="utf-8")
+    previous = _write(tmp_path / "old.parquet", [("x", 0.1, False, "ok"), ("x", 0.2, False, "ok")])
+    for out in (tmp_path / "s.parquet", tmp_path / "run"):
+        alone = _run(tiny_model_dir, prompts, "-o", out, "--fail-on-new-flagged")
+        assert alone.exit_code == 2 and "--fail-on-new-flagged needs --previous" in alone.stderr
+        dup = _run(tiny_model_dir, prompts, "-o", out, "--previous", previous)  # refused before any scoring
+        assert dup.exit_code == 4 and "old.parquet: prompt_id is not unique" in dup.stderr
+        assert len(dup.stderr.strip().splitlines()) == 1 and not out.exists()

@@ -72,12 +72,35 @@ def run_detect(
     fail_on_flagged: bool = False,
     log_interval: float = 60.0,
     interactive: bool | None = None,
+    previous: str | Path | None = None,
+    fail_on_new_flagged: bool = False,
 ) -> RunOutcome:
-    """Plan or resume the run in `out_dir`, score its pending shards, write summary.json."""
-    return run_job(
+    """Plan or resume the run in `out_dir`, score its pending shards, write summary.json.
+
+    `previous` (the last audit: a scores file or run directory) is read before any scoring; a
+    complete run's summary then gets `changes` (memscan.diff), and `fail_on_new_flagged` exits
+    EXIT_FLAGGED only when a prompt is newly flagged."""
+    if fail_on_new_flagged and previous is None:
+        raise UsageError("--fail-on-new-flagged needs --previous (the last audit's scores file or run directory)")
+    prior = None
+    if previous is not None:
+        from memscan.diff import read_previous
+
+        prior = read_previous(previous, out_dir, run_directory=True)
+    outcome = run_job(
         input_spec, out_dir, DetectJob(settings), options, executor=executor, workers=workers, gpus=gpus,
         fail_on_flagged=fail_on_flagged, log_interval=log_interval, interactive=interactive,
     )
+    if prior is not None:
+        from memscan.diff import changes_since, load_scores
+
+        # an unfinished run has no rows to compare yet: changes None
+        changes = changes_since(prior, load_scores(out_dir)) if outcome.summary["complete"] else None
+        outcome.summary["changes"] = changes
+        write_json(RunDirectory(out_dir).summary_path, {k: v for k, v in outcome.summary.items() if k != "exit_code"})
+        if fail_on_new_flagged and outcome.exit_code == EXIT_OK and changes and changes["newly_flagged"]:
+            outcome.exit_code = outcome.summary["exit_code"] = EXIT_FLAGGED
+    return outcome
 
 
 def run_job(
