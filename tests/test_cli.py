@@ -176,9 +176,14 @@ def test_help_keeps_square_brackets() -> None:
 
 
 def test_every_command_help_has_an_example_and_detect_lists_the_methods() -> None:
+    import typer.main
+
     from memscan.methods import available_methods
 
-    for command in ("detect", "status", "merge", "models", "evaluate", "calibrate", "report", "bench", "mitigate"):
+    commands = [name for name in typer.main.get_command(app).commands if name != "demo"]  # demo: its own group
+    expected = {"detect", "status", "merge", "models", "evaluate", "calibrate", "report", "bench", "mitigate"}
+    assert expected <= set(commands)
+    for command in commands:
         text = runner.invoke(app, [command, "--help"]).stdout
         assert "Example" in text and f"memscan {command}" in text.split("Example", 1)[1], command
     detect_help = " ".join(runner.invoke(app, ["detect", "--help"]).stdout.split())
@@ -202,6 +207,18 @@ def test_user_strings_are_not_rich_markup_in_evaluate(tmp_path: Path) -> None:
     result = runner.invoke(app, ["evaluate", str(scores), "--labels", str(labels)])
     assert result.exit_code == 0, result.output
     assert "wen [/] [bold]x" in result.stderr
+
+
+def test_bracketed_prompts_are_printed_as_written(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """SD prompt syntax ([blurry], [cat:dog:0.5]) and a stray [/] are data: detect exits 0 and shows them."""
+    prompts = tmp_path / "p.csv"
+    prompts.write_text('prompt\n"masterpiece, [blurry], a cat"\n[cat:dog:0.5]\na [/] b\n[bold]loud\n', encoding="utf-8")
+    out = tmp_path / "s.parquet"
+    result = _detect(prompts, "-o", out, "--model", tiny_model_dir)
+    assert result.exit_code == 0, result.output
+    for text in ("masterpiece, [blurry], a cat", "[cat:dog:0.5]", "a [/] b", "[bold]loud"):
+        assert text in result.stderr
+    assert pq.read_table(out).column("prompt").to_pylist()[2] == "a [/] b"
 
 
 def test_environment_sets_only_real_options_by_their_flag_names(
