@@ -75,10 +75,10 @@ def check_writable_location(path: Path, *, what: str = "output", inside: bool = 
         raise OutputError(f"cannot write {what} {path}: permission denied in {place}")
     try:  # access() trusts root and misses read-only mounts: create and remove a probe file
         fd, probe = tempfile.mkstemp(prefix=".memscan-probe-", suffix=".tmp", dir=place)
-        os.close(fd)
-        os.unlink(probe)
     except OSError as exc:
         raise OutputError(f"cannot write {what} {path}: {exc.strerror or one_line(exc)} in {place}") from None
+    os.close(fd)
+    Path(probe).unlink(missing_ok=True)  # a run's sweep of stale temporaries may have taken it already
 
 
 def check_output(

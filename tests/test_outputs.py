@@ -101,6 +101,19 @@ def test_read_only_directory_is_an_output_error(tmp_path: Path) -> None:
         locked.chmod(0o700)
 
 
+def test_read_only_mount_is_found_by_a_probe_even_as_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """access() says yes to root and on some mounts; creating a file is the real test."""
+    import tempfile
+
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(OutputError, match="Read-only file system") as info:
+        check_output(tmp_path / "s.parquet")
+    assert info.value.exit_code == EXIT_INPUT
+
+
 def test_missing_parents_are_fine_and_not_created_by_the_check(tmp_path: Path) -> None:
     out = tmp_path / "a" / "b" / "s.parquet"
     assert check_output(out) == out
