@@ -59,6 +59,16 @@ def _read(path: Path) -> pd.DataFrame:
     return pq.read_table(path).to_pandas()
 
 
+@pytest.fixture(scope="module")
+def single(tiny_model_dir: Path, target: float, tmp_path_factory: pytest.TempPathFactory) -> tuple[pd.DataFrame, dict]:
+    """(rows, summary) of the single-file `mitigate` of TEXTS: what every run directory must reproduce."""
+    root = tmp_path_factory.mktemp("single")
+    path = root / "prompts.csv"
+    pd.DataFrame({"id": [f"r{i}" for i in range(len(TEXTS))], "prompt": TEXTS}).to_csv(path, index=False)
+    summary = mitigate(path, root / "one.parquet", _settings(tiny_model_dir, target)).summary
+    return _read(root / "one.parquet"), summary
+
+
 def _same_rows(left: pd.DataFrame, right: pd.DataFrame) -> None:
     assert left.columns.tolist() == right.columns.tolist()
     for column in ("prompt_id", "prompt", "rewritten", "status"):
@@ -92,14 +102,15 @@ def test_run_directory_gives_the_single_file_rows(
     summary = outcome.summary
     assert (summary["kind"], summary["shards"], summary["done"], summary["rows_done"]) == ("mitigate", 3, 3, 10)
     assert merge_run(tmp_path / "run", tmp_path / "merged.parquet") == 10
-    single = mitigate(prompts, tmp_path / "one.parquet", settings).summary
-    merged, whole = _read(tmp_path / "merged.parquet"), _read(tmp_path / "one.parquet")
+    whole, single_summary = single
+    merged = _read(tmp_path / "merged.parquet")
     _same_rows(merged, whole)
     assert merged["prompt_id"].tolist() == [f"r{i}" for i in range(10)]
     # the summary's counts add up the shards' and agree with the single-file summary
-    assert summary["flagged"] == single["attempted"] >= 3
-    assert (summary["rewritten"], summary["unresolved"]) == (single["ok"], single["unresolved"])
-    assert (summary["skipped_empty"], summary["not_flagged"], summary["written"]) == (2, single["not_flagged"], 10)
+    assert summary["flagged"] == single_summary["attempted"] >= 3
+    assert (summary["rewritten"], summary["unresolved"]) == (single_summary["ok"], single_summary["unresolved"])
+    assert (summary["skipped_empty"], summary["not_flagged"], summary["written"]) == (
+        2, single_summary["not_flagged"], 10)
     assert summary["target"] == target and json.loads((tmp_path / "run" / "summary.json").read_text())["done"] == 3
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["kind"] == "mitigate" and manifest["facts"] == {"target": target}
@@ -109,7 +120,8 @@ def test_run_directory_gives_the_single_file_rows(
 
 
 def test_failed_shard_resumes_alone_then_reruns_do_nothing(
-    tiny_model_dir: Path, prompts: Path, target: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: Path, prompts: Path, target: float, single: tuple[pd.DataFrame, dict], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     out = tmp_path / "run"
     settings = _settings(tiny_model_dir, target)
@@ -137,8 +149,7 @@ def test_failed_shard_resumes_alone_then_reruns_do_nothing(
     assert idle.exit_code == 0 and idle.summary["attempt"]["shards_processed"] == 0 and len(calls) == 2
     assert {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()} == done
     merge_run(out, tmp_path / "resumed.parquet")
-    mitigate(prompts, tmp_path / "one.parquet", settings)
-    _same_rows(_read(tmp_path / "resumed.parquet"), _read(tmp_path / "one.parquet"))
+    _same_rows(_read(tmp_path / "resumed.parquet"), single[0])
 
 
 def test_resume_with_other_settings_is_refused_in_one_line(
@@ -286,16 +297,22 @@ def test_status_merge_and_refusals(tiny_model_dir: Path, prompts: Path, target: 
         run_mitigate(prompts, out, _settings(tiny_model_dir, target), RunOptions(retry_errors=True))
 
 
+def test_mitigate_job_survives_the_trip_to_a_worker(tiny_model_dir: Path, target: float) -> None:
+    """What worker processes and Ray actors receive: the job pickles to an equal job, on its device."""
+    job = MitigateJob(_settings(tiny_model_dir, target)).on_device("cpu")
+    assert pickle.loads(pickle.dumps(job)) == job
+
+
+@pytest.mark.slow  # ~16 s of CPU, two spawned workers; fast coverage of the same: the process pool in
+# test_run_executors.py::test_worker_processes_pull_from_a_queue, the job's pickle trip in
+# test_mitigate_job_survives_the_trip_to_a_worker, its rows in test_run_directory_gives_the_single_file_rows
 def test_worker_processes_write_the_same_rewrites(
-    tiny_model_dir: Path, prompts: Path, target: float, tmp_path: Path
+    tiny_model_dir: Path, prompts: Path, target: float, single: tuple[pd.DataFrame, dict], tmp_path: Path
 ) -> None:
     settings = _settings(tiny_model_dir, target)
-    job = MitigateJob(settings).on_device("cpu")
-    assert pickle.loads(pickle.dumps(job)) == job  # what worker processes and Ray actors receive
     outcome = run_mitigate(prompts, tmp_path / "run", settings, RunOptions(shard_size=3), workers=2)
     assert outcome.exit_code == 0 and outcome.summary["done"] == 4
     workers = {json.loads(p.read_text())["worker"] for p in (tmp_path / "run" / "stats").glob("*.json")}
     assert workers and describe_pid() not in workers  # written by the worker processes, not this one
     merge_run(tmp_path / "run", tmp_path / "merged.parquet")
-    mitigate(prompts, tmp_path / "one.parquet", settings)
-    _same_rows(_read(tmp_path / "merged.parquet"), _read(tmp_path / "one.parquet"))
+    _same_rows(_read(tmp_path / "merged.parquet"), single[0])
