@@ -382,11 +382,18 @@ def test_calibrate_on_the_demo_model_holds_on_held_out_prompts(tmp_path: Path) -
     from memscan.config import DetectSettings
     from memscan.detect import detect
     from memscan.evaluate import calibrate_scores
+    from memscan.models.loading import resolve_profile
     from memscan.paths import demo_dir
 
     prompts = demo_dir() / "prompts.csv"
     scores = tmp_path / "demo.parquet"
     detect(prompts, scores, DetectSettings(model="demo", device="cpu"))
+    shipped = pd.read_parquet(scores)  # flagged with the shipped profile's threshold
+    memorized = pd.read_csv(prompts)["label"].eq("memorized").to_numpy()
+    np.testing.assert_array_equal(shipped["flagged"].to_numpy(bool), memorized)  # the 54, and no clean prompt
+    threshold = resolve_profile("demo").threshold
+    gap = np.abs(shipped["score"].to_numpy(np.float64) - threshold).min()
+    assert gap > 1e-4 * shipped["score"].abs().max()  # no score within rounding of it: thread counts flip nothing
     profile, result = calibrate_scores(scores, tmp_path / "demo-cal.toml", labels_path=prompts, holdout=0.3)
     assert result.guaranteed and result.holdout is not None
     assert result.holdout["n_clean"] == 100 and result.holdout["fpr"] <= 0.01
