@@ -274,7 +274,8 @@ def detect(
     method: Annotated[str, typer.Option(help=f"Detection method: {METHODS_PLACEHOLDER}; options as NAME:key=value, e.g. wen:steps=10.")] = "anisotropy",
     n_noise: Annotated[int, typer.Option("--n-noise", help="Initial noises per prompt (n).")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the shared noise bank.")] = 51,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per UNet call (halved on out-of-memory).")] = 16,
+    batch_size: Annotated[str, typer.Option("--batch-size", help="Prompts per UNet call, or auto: 16 off CUDA, sized from free GPU memory on CUDA (halved on out-of-memory).")] = "auto",
+    compile_unet: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (static shapes; pays off on a GPU for long runs: compiling takes a minute or more).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
     threshold: Annotated[float | None, typer.Option(help="Flag scores above this (default: the profile's).")] = None,
@@ -305,7 +306,7 @@ def detect(
         from memscan.config import DetectSettings
 
         settings = DetectSettings(
-            model=model, method=method, n_noise=n_noise, seed=seed, batch_size=batch_size, device=device,
+            model=model, method=method, n_noise=n_noise, seed=seed, batch_size=batch_size, compile=compile_unet, device=device,
             dtype=dtype, threshold=threshold, w_norm=w_norm, w_align=w_align, v_convention=v_convention,
             norm_scale=norm_scale,
             architecture=architecture, allow_pickle=allow_pickle, prompt_column=prompt_column,

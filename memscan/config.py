@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from memscan.errors import UsageError
+from memscan.models.batching import AUTO, BatchSize, parse_batch_size
 from memscan.models.profiles import NORM_SCALES
 
 
@@ -23,7 +24,7 @@ class DetectSettings:
     method: str = "anisotropy"
     n_noise: int = 1
     seed: int = 51
-    batch_size: int = 16
+    batch_size: BatchSize = AUTO  # prompts per UNet call; auto: 16 off CUDA, sized from free memory on CUDA
     device: str = "auto"
     dtype: str = "auto"
     threshold: float | None = None
@@ -36,12 +37,14 @@ class DetectSettings:
     prompt_column: str | None = None
     id_column: str | None = None
     store_prompt: bool = True
+    compile: bool = False  # torch.compile the UNet (static shapes, last batch padded)
+    prefetch: bool | None = None  # encode the next batch's text during this batch's UNet; None: on CUDA only
+    channels_last: bool | None = None  # UNet weights in channels_last; None: on CUDA only
 
     def __post_init__(self) -> None:
         if self.n_noise < 1:
             raise UsageError(f"--n-noise must be >= 1, got {self.n_noise}")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        object.__setattr__(self, "batch_size", parse_batch_size(self.batch_size))
         if self.v_convention not in (None, "epsilon", "raw"):
             raise UsageError(f"--v-convention {self.v_convention!r}: use epsilon or raw")
         if self.norm_scale not in (None, *NORM_SCALES):
@@ -58,8 +61,9 @@ class DetectSettings:
         return asdict(self)
 
 
-# settings that do not change any number in the output
-_NOT_FINGERPRINTED = {"batch_size", "device"}
+# settings that do not change any number in the output (beyond float rounding)
+NOT_FINGERPRINTED = ("batch_size", "device", "compile", "prefetch", "channels_last")
+_NOT_FINGERPRINTED = set(NOT_FINGERPRINTED)
 
 
 def fingerprint(settings: DetectSettings, facts: dict[str, Any] | None = None) -> str:

@@ -59,6 +59,7 @@ def build_scorer(settings: DetectSettings, model: ScoringModel | None = None) ->
     return Scorer(
         model, method, n_noise=settings.n_noise, seed=settings.seed,
         batch_size=settings.batch_size, threshold=applicable_threshold(settings, model.profile, method.name),
+        compile=settings.compile, prefetch=settings.prefetch, channels_last=settings.channels_last,
     )
 
 

@@ -9,10 +9,12 @@ out-of-memory halves the batch (and remembers it) down to one prompt, then marks
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -22,6 +24,8 @@ import torch
 from memscan.errors import one_line
 from memscan.io.scores import STATUS_ERROR, STATUS_NONFINITE, STATUS_OK, STATUS_OOM, STATUS_SKIPPED_EMPTY
 from memscan.methods.base import DetectionMethod
+from memscan.models.batching import BatchSize, TextPrefetcher, cuda_peak_bytes, padded_rows, resolve_batch_size
+from memscan.models.device import compile_unet, eager_forward, is_compiled, on_cuda_by_default, set_channels_last
 from memscan.models.loading import ScoringModel
 from memscan.models.noise import noise_bank
 from memscan.models.text import TokenizedPrompts, encode_ids, tokenize
@@ -59,19 +63,35 @@ class Scorer:
         *,
         n_noise: int = 1,
         seed: int = 51,
-        batch_size: int = 16,
+        batch_size: BatchSize = 16,
         threshold: float | None = None,
+        compile: bool = False,
+        prefetch: bool | None = None,
+        channels_last: bool | None = None,
     ) -> None:
-        if batch_size < 1:
+        """`batch_size` may be `auto` (memscan.models.batching). The speed options (None: on CUDA
+        only) change the model for every Scorer that shares it: `channels_last` stores the UNet's
+        weights so (False: back to contiguous; None off CUDA: left as it is), `compile` compiles
+        its forward (never undone here); `prefetch` encodes the next batch's text ahead."""
+        if isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.model = model
         self.method = method
         self.n_noise = n_noise
         self.seed = seed
-        self.batch_size = batch_size
         self.threshold = threshold
         self.noise = noise_bank(n_noise, model.latent_shape, seed, device=model.device, dtype=model.dtype)
         self._state: Any = None
+        self._prefetcher: TextPrefetcher | None = None
+        self._tokenizer_copy: Any = None  # the tokenizer thread's own (see memscan.models.text.tokenize)
+        self.prefetch = on_cuda_by_default(prefetch, model.device)
+        if channels_last is not None or model.device.type == "cuda":
+            set_channels_last(model.unet, on_cuda_by_default(channels_last, model.device))
+        self.batch_size = resolve_batch_size(batch_size, model.device, probe=self._probe_peak_bytes)
+        if compile:
+            compile_unet(model.unet)
+        # one static batch shape for a compiled UNet: the last batch is filled up, the filling dropped
+        self.pad_batches = is_compiled(model.unet)
 
     @property
     def state(self) -> Any:
@@ -80,6 +100,13 @@ class Scorer:
             with torch.inference_mode():
                 self._state = self.method.prepare(self.model, self.noise)
         return self._state
+
+    def _probe_peak_bytes(self, prompts: int) -> int:
+        """CUDA: the peak memory one batch of `prompts` (empty) prompts adds, on the eager UNet."""
+        state = self.state
+        tokens = tokenize(self.model, [""] * prompts)
+        with eager_forward(self.model.unet):
+            return cuda_peak_bytes(self.model.device, lambda: self._score_batch(tokens, list(range(prompts)), state))
 
     def run_facts(self) -> dict[str, Any]:
         return {
@@ -100,20 +127,17 @@ class Scorer:
         unique = _Unique(values={c: [] for c in self.method.columns}, status=[], error=[])
         gather: list[int] = []
         truncated: list[bool] = []
-        for start in range(0, len(prompts), chunk):
-            tokens = tokenize(self.model, prompts[start : start + chunk])
-            new_rows: list[int] = []
-            for i, row in enumerate(tokens.input_ids.numpy().astype(np.int32)):
-                key = hashlib.blake2b(row.tobytes(), digest_size=16).digest()
-                if key not in slots:
-                    slots[key] = len(slots)
-                    new_rows.append(i)
-                gather.append(slots[key])
-            truncated += tokens.truncated
-            self._score_rows(tokens, new_rows, unique, progress)
-            duplicates = len(tokens.truncated) - len(new_rows)
-            if progress is not None and duplicates:
-                progress(duplicates)
+        prefetcher = None
+        if self.prefetch:
+            _ = self.state  # the shared pass tokenizes too: before the threads start
+            prefetcher = self._prefetcher = TextPrefetcher(self._encode, self.model.device)
+        try:
+            for tokens in self._token_chunks(prompts, chunk, prefetcher):
+                self._score_chunk(tokens, slots, unique, gather, truncated, progress)
+        finally:
+            self._prefetcher = None
+            if prefetcher is not None:
+                prefetcher.close()
         index = np.asarray(gather, dtype=np.int64)
         return ScoredTexts(
             columns={c: np.asarray(v, dtype=np.float32)[index] for c, v in unique.values.items()},
@@ -123,6 +147,44 @@ class Scorer:
             unique=len(slots),
         )
 
+    def _token_chunks(
+        self, prompts: Sequence[str], chunk: int, prefetcher: TextPrefetcher | None
+    ) -> Iterator[TokenizedPrompts]:
+        """`prompts` tokenized `chunk` at a time, in order; with a prefetcher, the chunk after the
+        first is tokenized on its thread while the one before is scored."""
+        starts = range(0, len(prompts), chunk)
+        ahead = None
+        for i, start in enumerate(starts):
+            tokens = tokenize(self.model, prompts[start : start + chunk]) if ahead is None else ahead.result()
+            if prefetcher is not None and i + 1 < len(starts):
+                if self._tokenizer_copy is None:
+                    self._tokenizer_copy = copy.deepcopy(self.model.tokenizer)
+                following = starts[i + 1]
+                ahead = prefetcher.tokenize_ahead(self._tokenize_on_thread(prompts[following : following + chunk]))
+            yield tokens
+
+    def _tokenize_on_thread(self, prompts: Sequence[str]) -> Callable[[], TokenizedPrompts]:
+        """Tokenization of `prompts` with the thread's own copy of the tokenizer."""
+        return partial(tokenize, self.model, prompts, tokenizer=self._tokenizer_copy)
+
+    def _score_chunk(
+        self, tokens: TokenizedPrompts, slots: dict[bytes, int], unique: _Unique, gather: list[int],
+        truncated: list[bool], progress: Callable[[int], None] | None,
+    ) -> None:
+        """Score the prompts of one tokenized chunk not seen before; note where each one's results are."""
+        new_rows: list[int] = []
+        for i, row in enumerate(tokens.input_ids.numpy().astype(np.int32)):
+            key = hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+            if key not in slots:
+                slots[key] = len(slots)
+                new_rows.append(i)
+            gather.append(slots[key])
+        truncated += tokens.truncated
+        self._score_rows(tokens, new_rows, unique, progress)
+        duplicates = len(tokens.truncated) - len(new_rows)
+        if progress is not None and duplicates:
+            progress(duplicates)
+
     def _score_rows(
         self, tokens: TokenizedPrompts, rows: list[int], out: _Unique, progress: Callable[[int], None] | None = None
     ) -> None:
@@ -131,8 +193,9 @@ class Scorer:
         position = 0
         while position < len(rows):
             batch = rows[position : position + self.batch_size]
+            upcoming = rows[position + len(batch) : position + len(batch) + self.batch_size]
             try:
-                values = self._score_batch(tokens, batch, state)
+                values = self._score_batch(tokens, batch, state, upcoming)
             except torch.OutOfMemoryError as exc:
                 if len(batch) > 1:
                     halved = self.batch_size // 2
@@ -157,15 +220,31 @@ class Scorer:
                 progress(len(batch))
             position += len(batch)
 
-    def _score_batch(self, tokens: TokenizedPrompts, rows: list[int], state: Any) -> dict[str, np.ndarray]:
+    def _score_batch(
+        self, tokens: TokenizedPrompts, rows: list[int], state: Any, upcoming: list[int] | None = None
+    ) -> dict[str, np.ndarray]:
+        """The method's columns for `rows`; the text of `upcoming` (the next batch) starts encoding
+        ahead when prefetching. Padded batches (a compiled UNet) drop their filling here."""
+        size = len(rows)
+        if self.pad_batches:
+            rows = padded_rows(rows, self.batch_size)
+            upcoming = padded_rows(upcoming, self.batch_size) if upcoming else upcoming
+        prefetcher = self._prefetcher
+        with torch.inference_mode():
+            embeds = prefetcher.take(tokens, rows) if prefetcher is not None else self._encode(tokens, rows)
+            if prefetcher is not None and upcoming:
+                prefetcher.submit(tokens, upcoming)
+            values = self.method.score(self.model, state, self.noise, embeds)
+            return {name: values[name][:size].float().cpu().numpy() for name in self.method.columns}
+
+    def _encode(self, tokens: TokenizedPrompts, rows: list[int]) -> torch.Tensor:
+        """Text-encoder hidden states of `rows` of `tokens`."""
         idx = torch.tensor(rows, dtype=torch.long)
         batch = TokenizedPrompts(
             input_ids=tokens.input_ids[idx], attention_mask=tokens.attention_mask[idx], truncated=[]
         )
         with torch.inference_mode():
-            embeds = encode_ids(self.model, batch)
-            values = self.method.score(self.model, state, self.noise, embeds)
-            return {name: values[name].float().cpu().numpy() for name in self.method.columns}
+            return encode_ids(self.model, batch)
 
     def _append_failure(self, out: _Unique, status: str, error: str) -> None:
         for name in self.method.columns:

@@ -1,6 +1,10 @@
-"""Device and dtype resolution: `auto` means the reference setup (bf16 on CUDA, fp32 on CPU)."""
+"""Device and dtype resolution (`auto` means the reference setup: bf16 on CUDA, fp32 on CPU), and
+the UNet speed options: channels_last and `torch.compile`."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -46,3 +50,52 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in _DTYPES.items()}[dtype]
+
+
+def on_cuda_by_default(flag: bool | None, device: torch.device) -> bool:
+    """A speed option's value: as given, or (None) on CUDA only."""
+    return device.type == "cuda" if flag is None else flag
+
+
+def uses_channels_last(module: torch.nn.Module) -> bool:
+    """Whether the module's first 4-d weight (a convolution's) is stored channels_last."""
+    for param in module.parameters():
+        if param.dim() == 4:
+            return param.is_contiguous(memory_format=torch.channels_last) and not param.is_contiguous()
+    return False
+
+
+def set_channels_last(module: torch.nn.Module, on: bool) -> None:
+    """Store the 4-d weights channels_last (on) or contiguous (off); a no-op when already so."""
+    if uses_channels_last(module) != on:
+        module.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+
+
+def is_compiled(unet: torch.nn.Module) -> bool:
+    """Whether `compile_unet` replaced the UNet's forward."""
+    return "forward" in vars(unet)
+
+
+def compile_unet(unet: torch.nn.Module, *, mode: str | None = None, backend: str = "inductor") -> None:
+    """`torch.compile` the UNet's forward in place, with static shapes (the Scorer pads its last
+    batch to the batch size, so a run compiles two shapes: the shared pass and the batch).
+
+    Only the forward is compiled: forward hooks stay eager, and `uncompile_unet` undoes it."""
+    if not is_compiled(unet):
+        unet.forward = torch.compile(unet.forward, dynamic=False, mode=mode, backend=backend)
+
+
+def uncompile_unet(unet: torch.nn.Module) -> None:
+    """Back to the eager forward (a no-op when not compiled)."""
+    vars(unet).pop("forward", None)
+
+
+@contextmanager
+def eager_forward(unet: torch.nn.Module) -> Iterator[None]:
+    """The eager forward for a while (a memory probe at other shapes must not recompile)."""
+    compiled = vars(unet).pop("forward", None)
+    try:
+        yield
+    finally:
+        if compiled is not None:
+            unet.forward = compiled

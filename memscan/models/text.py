@@ -20,9 +20,12 @@ class TokenizedPrompts:
     truncated: list[bool]
 
 
-def tokenize(model: ScoringModel, prompts: Sequence[str]) -> TokenizedPrompts:
-    """Tokenize as the pipeline does (pad to max_length, truncate), noting truncation."""
-    tokenizer = model.tokenizer
+def tokenize(model: ScoringModel, prompts: Sequence[str], *, tokenizer: Any = None) -> TokenizedPrompts:
+    """Tokenize as the pipeline does (pad to max_length, truncate), noting truncation.
+
+    `tokenizer`: a copy of the model's for another thread (a fast tokenizer sets its padding
+    state on every call, so two threads must not share one)."""
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     max_length = tokenizer.model_max_length
     batch = tokenizer(
         list(prompts), padding="max_length", max_length=max_length, truncation=True,

@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from memscan import __version__
-from memscan.config import DetectSettings, fingerprint
+from memscan.config import NOT_FINGERPRINTED, DetectSettings, fingerprint
 from memscan.errors import FingerprintMismatchError, InputError, UsageError, one_line
 from memscan.io.readers import PromptSource
 from memscan.io.scores import STATUS_OK, STATUS_SKIPPED_EMPTY, scores_schema, to_table
@@ -60,7 +60,7 @@ def fingerprint_fields(
 
     profile = resolve_profile(settings.model).with_overrides(**settings.profile_overrides())
     dtype = dtype_name(resolve_dtype(settings.dtype, resolve_device(settings.device)))
-    fields = {k: v for k, v in settings.to_dict().items() if k not in ("batch_size", "device", "dtype")}
+    fields = {k: v for k, v in settings.to_dict().items() if k not in (*NOT_FINGERPRINTED, "dtype")}
     fields["dtype"] = dtype
     fields.update({f"profile.{k}": v for k, v in profile.to_dict().items() if k != "calibration"})
     fields["inputs"] = [[Path(i.path).name, i.size, i.rows] for i in inputs]
