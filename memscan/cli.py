@@ -399,15 +399,10 @@ def run_status(
         if json_summary:
             typer.echo(json.dumps(summary, indent=2))
             return
-        table = Table(title=f"memscan {summary['kind']} run {run_dir}", show_header=False)
-        keys = ["shards", "done", "failed", "pending", "rows", "rows_done", "scored", "skipped_empty",
-                "failed_rows", "flagged", "rate_rows_per_s", "eta_s", "complete"]
-        shown = {*keys, "run_dir", "kind", "fingerprint", "failed_shards", "seconds"}
-        for key in keys + [k for k in summary if k not in shown]:  # then the job's own facts and counts
-            table.add_row(key, str(summary[key]))
-        for shard, error in summary["failed_shards"].items():
-            table.add_row(f"shard {shard} failed", error)
-        Console().print(table)
+        from memscan.run.progress import status_lines
+
+        for line in status_lines(summary):  # in words: durations, no nulls; plain text, never markup
+            typer.echo(line)
 
 
 @app.command("merge", epilog="\b\nExample:\n  memscan merge audit/ -o scores.parquet")

@@ -172,9 +172,9 @@ class Progress:
     def say(self, line: str) -> None:
         """One plain line, above the bar on a terminal (never read as markup)."""
         if self._bar is not None and self._console is not None:
-            self._console.print(Text(f"memscan: {line}"))
+            self._console.print(Text(f"memscan: {line}"), soft_wrap=True)
         elif self.interactive:
-            Console(file=self.stream, force_terminal=True).print(Text(f"memscan: {line}"))
+            Console(file=self.stream, force_terminal=True).print(Text(f"memscan: {line}"), soft_wrap=True)
         else:
             print(f"memscan: {line}", file=self.stream, flush=True)
 

@@ -83,11 +83,11 @@ def _counting_rewrites(monkeypatch: pytest.MonkeyPatch, fail_on: str | None = No
     """Record the prompt ids of every frame given to rewrite_prompts (and fail a frame holding `fail_on`)."""
     calls: list[list[str]] = []
 
-    def spy(scorer, frame, target, settings):  # type: ignore[no-untyped-def]
+    def spy(scorer, frame, target, settings, progress=None):  # type: ignore[no-untyped-def]
         calls.append(frame["prompt_id"].tolist())
         if fail_on is not None and fail_on in calls[-1]:
             raise RuntimeError("search blew up")
-        return REWRITE(scorer, frame, target, settings)
+        return REWRITE(scorer, frame, target, settings, progress=progress)
 
     monkeypatch.setattr(memscan.mitigation, "rewrite_prompts", spy)
     return calls

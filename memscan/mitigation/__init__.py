@@ -9,6 +9,7 @@ optionally the prompt embedding itself is optimised under the target (.embedding
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,9 @@ from memscan.mitigation.table import (
     read_rows,
 )
 from memscan.models.loading import ScoringModel
-from memscan.scorer import Scorer
 from memscan.outputs import check_distinct, check_output
+from memscan.progress import Progress
+from memscan.scorer import Scorer
 
 __all__ = ["MitigateResult", "MitigateSettings", "load_embeddings", "mitigate", "rewrite_prompts"]
 
@@ -58,10 +60,12 @@ def mitigate(
     *,
     model: ScoringModel | None = None,
     if_exists: str = "fail",
+    progress: Progress | None = None,
 ) -> MitigateResult:
     """Rewrite the flagged prompts of `input_path` (a prompt file or a detect output) to `output`.
 
-    The input is read before the model is loaded, so input errors cost nothing."""
+    The input is read before the model is loaded, so input errors cost nothing. `progress`
+    (none: silent) gets a start line, the model's load time, and the rows as they are done."""
     from memscan.detect import build_scorer
 
     settings = settings or MitigateSettings()
@@ -75,14 +79,27 @@ def mitigate(
         Path(input_path), prompt_column=detect.prompt_column, id_column=detect.id_column, all_rows=settings.all_rows
     )
     started = time.perf_counter()
-    scorer = build_scorer(detect, model)
-    target = settings.target if settings.target is not None else scorer.threshold
-    if target is None:
-        raise UsageError(
-            f"no target score: model profile {scorer.model.profile.name!r} has no threshold valid for these "
-            "settings; pass --target"
-        )
-    rows, timing = rewrite_prompts(scorer, frame, target, settings)
+    if progress is not None:
+        progress.start(f"rewriting {len(frame)} rows of {input_path} with model {detect.model} "
+                       f"-> {output_path or 'no file'}", total=len(frame))
+    try:
+        scorer = build_scorer(detect, model)
+        target = settings.target if settings.target is not None else scorer.threshold
+        if target is None:
+            raise UsageError(
+                f"no target score: model profile {scorer.model.profile.name!r} has no threshold valid for these "
+                "settings; pass --target"
+            )
+        if progress is not None and model is None:
+            progress.model_loaded()
+        rows, timing = rewrite_prompts(scorer, frame, target, settings,
+                                       progress=None if progress is None else progress.advance)
+    except BaseException:
+        if progress is not None:
+            progress.close(final=False)
+        raise
+    if progress is not None:
+        progress.close()
     embeddings_path = Path(settings.emit_embeddings) if settings.emit_embeddings else None
     facts = {
         **scorer.run_facts(), "memscan_version": __version__, "input": str(input_path), "target": target,
@@ -103,15 +120,20 @@ def mitigate(
 
 
 def rewrite_prompts(
-    scorer: Scorer, frame: pd.DataFrame, target: float, settings: MitigateSettings
+    scorer: Scorer, frame: pd.DataFrame, target: float, settings: MitigateSettings,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Output rows for a canonical prompt frame, and the seconds the search took per prompt."""
+    """Output rows for a canonical prompt frame, and the seconds the search took per prompt.
+
+    `progress` hears of the rows done: those not above the target once scored, then one per search."""
     prompts = frame["prompt"]
     empty = (prompts.isna() | (prompts.fillna("").astype(str).str.strip() == "")).to_numpy()
     texts = prompts[~empty].astype(str).tolist()
     before = np.full(len(frame), np.nan)
     before[~empty] = scorer.score_texts(texts).columns["score"]
     todo = np.flatnonzero(~empty & (before > target))
+    if progress is not None and len(frame) > len(todo):
+        progress(len(frame) - len(todo))
     started = time.perf_counter()
     scoring = DifferentiableScore(scorer)
     attributions = attribute(scoring, [str(prompts.iloc[i]) for i in todo], batch_size=scorer.batch_size)
@@ -151,6 +173,8 @@ def rewrite_prompts(
         out.at[i, "trigger_tokens"] = attribution.top_tokens(settings.report_triggers)
         out.at[i, "edits"] = list(found.edits)
         out.at[i, "status"] = STATUS_OK if found.resolved else STATUS_UNRESOLVED
+        if progress is not None:
+            progress(1)
     seconds = time.perf_counter() - started
     return out, {
         "seconds_search": round(seconds, 3),

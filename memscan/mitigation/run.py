@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -126,14 +127,16 @@ class MitigateJob:
         source = open_input(item, run_root, self.scoring.prompt_column, self.scoring.id_column)
         return source.read_range(shard.start, shard.stop)[["prompt_id", "prompt"]]
 
-    def compute(self, scorer: Scorer, frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
+    def compute(
+        self, scorer: Scorer, frame: pd.DataFrame, progress: Callable[[int], None] | None = None
+    ) -> tuple[pd.DataFrame, dict[str, Any]]:
         from memscan.mitigation import rewrite_prompts
 
-        rows, timing = rewrite_prompts(scorer, frame, self.target, self.settings)
+        rows, timing = rewrite_prompts(scorer, frame, self.target, self.settings, progress=progress)
         return rows, {**rewrite_counts(rows), "seconds_search": float(timing.get("seconds_search") or 0.0)}
 
     def redo_failed(
-        self, scorer: Scorer, frame: pd.DataFrame, old: pd.DataFrame
+        self, scorer: Scorer, frame: pd.DataFrame, old: pd.DataFrame, progress: Callable[[int], None] | None = None
     ) -> tuple[pd.DataFrame, dict[str, Any]]:
         raise UsageError("--retry-errors applies to detect runs only")
 

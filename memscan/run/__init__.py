@@ -137,34 +137,40 @@ def run_job(
 
             if torch.cuda.is_available():
                 job = job.on_device(f"cuda:{rank.local_rank}")
-    before = summarize_run(run)
+    # progress counts this process's shards (all of them, unless it is one rank of several);
+    # done shards being retried count again when done
+    mine = _my_shards(run, rank)
     stats = run.all_stats()
-    redo = [stats[i] for i in todo if i in stats]  # done shards being retried count again when done
+    pending = set(todo)
+    done_before = [stats[s.id] for s in mine if s.id in stats and s.id not in pending]
     progress = RunProgress(
-        total_shards=before["shards"], total_rows=before["rows"], done_shards=before["done"] - len(redo),
-        done_rows=before["rows_done"] - sum(s["rows"] for s in redo), interval=log_interval,
-        interactive=interactive,
+        total_shards=len(mine), total_rows=sum(s.rows for s in mine), done_shards=len(done_before),
+        done_rows=sum(s["rows"] for s in done_before), interval=log_interval, interactive=interactive,
     )
     results: list[ShardResult] = []
 
     def on_result(result: ShardResult) -> None:
         results.append(result)
-        progress.advance(rows=result.rows, ok=result.ok)
+        progress.shard_done(result.shard, rows=result.rows, ok=result.ok)
 
+    finished = False
     try:
+        devices = _devices(gpus, workers) if todo else None
+        progress.start(_start_line(run, job, todo, executor, devices, rank))
         if todo:
-            devices = _devices(gpus, workers)
             if executor == "ray":
                 use_gpu = bool(gpus) or (job.scoring.device != "cpu" and _cuda_available())
-                run_ray(str(run.root), job, todo, workers=len(devices or [None]),
-                        retry_errors=options.retry_errors, on_result=on_result, use_gpu=use_gpu)
+                run_ray(str(run.root), job, todo, workers=len(devices or [None]), retry_errors=options.retry_errors,
+                        on_result=on_result, use_gpu=use_gpu, progress=progress)
             elif devices is not None:
                 run_processes(str(run.root), job, todo, devices, retry_errors=options.retry_errors,
-                              on_result=on_result)
+                              on_result=on_result, progress=progress)
             else:
-                run_local(str(run.root), job, todo, retry_errors=options.retry_errors, on_result=on_result)
+                run_local(str(run.root), job, todo, retry_errors=options.retry_errors, on_result=on_result,
+                          progress=progress)
+        finished = True
     finally:
-        progress.close()
+        progress.close(final=finished)  # a failure (model not loadable, interrupt) says only its error
         summary = summarize_run(run, seconds=time.perf_counter() - started)
         summary["attempt"] = {
             "shards_processed": sum(r.ok for r in results), "shards_failed": sum(not r.ok for r in results),
@@ -188,6 +194,33 @@ def check_run_output(input_spec: str | Path, out_dir: str | Path, options: RunOp
 
     inputs = [Path(input_spec), *expand_inputs(input_spec)]
     check_output(out_dir, inputs=inputs, if_exists=options.if_exists, kind="run", what="run directory")
+
+
+def _start_line(run: RunDirectory, job: ShardJob, todo: list[int], executor: str, devices: list[str] | None,
+                rank: Any) -> str:
+    """What this attempt does: the run, what is left of it, the model, and who scores it."""
+    _, shards = run.plan()
+    rows = sum(s.rows for s in shards)
+    left = sum(shards[i].rows for i in todo)
+    if not todo:
+        work = "nothing left to do"
+    else:
+        work = f"{left} rows in {_plural(len(todo), 'shard')} to do"
+    if executor == "ray":
+        who = f"{_plural(len(devices or [None]), 'Ray actor')}"
+    elif devices is not None:
+        who = f"{_plural(len(devices), 'worker process', 'worker processes')} ({', '.join(devices)})"
+    else:
+        who = "this process"
+    if rank is not None and rank.world_size > 1:
+        who += f", rank {rank.rank} of {rank.world_size}"
+    scoring = job.scoring
+    return (f"{job.kind} run {run.root}: {rows} rows in {_plural(len(shards), 'shard')}, {work}; "
+            f"model {scoring.model} ({scoring.method}, n_noise {scoring.n_noise}); {who}")
+
+
+def _plural(count: int, word: str, plural: str | None = None) -> str:
+    return f"{count} {word if count == 1 else plural or word + 's'}"
 
 
 def _my_shards(run: RunDirectory, rank: Any) -> list[Any]:

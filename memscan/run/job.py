@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +31,9 @@ from memscan.run.rundir import RunDirectory, describe_pid, read_json
 
 if TYPE_CHECKING:
     from memscan.scorer import Scorer
+
+RowsCallback = Callable[[int], None]  # rows done since the last call (memscan.progress)
+ShardRowsCallback = Callable[[int, int], None]  # (shard id, rows done since the last call)
 
 log = logging.getLogger("memscan")
 
@@ -77,7 +81,8 @@ class ShardJob(Protocol):
     """What a run directory computes from each shard's rows (a frozen, picklable value).
 
     Workers get it pickled (processes, Ray actors), load `scoring`'s model once, then call
-    `read` and `compute` per shard; the manifest records `kind` and `manifest_entries()`."""
+    `read` and `compute` per shard; the manifest records `kind` and `manifest_entries()`.
+    `compute` tells `progress` the rows it has done as it goes (the bar moves within a shard)."""
 
     kind: ClassVar[str]
 
@@ -96,10 +101,12 @@ class ShardJob(Protocol):
 
     def read(self, item: InputFile, run_root: Path, shard: Shard) -> pd.DataFrame: ...
 
-    def compute(self, scorer: Scorer, frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]: ...
+    def compute(
+        self, scorer: Scorer, frame: pd.DataFrame, progress: RowsCallback | None = None
+    ) -> tuple[pd.DataFrame, dict[str, Any]]: ...
 
     def redo_failed(
-        self, scorer: Scorer, frame: pd.DataFrame, old: pd.DataFrame
+        self, scorer: Scorer, frame: pd.DataFrame, old: pd.DataFrame, progress: RowsCallback | None = None
     ) -> tuple[pd.DataFrame, dict[str, Any]]: ...
 
 
@@ -134,16 +141,18 @@ class DetectJob:
         source = open_input(item, run_root, self.settings.prompt_column, self.settings.id_column)
         return source.read_range(shard.start, shard.stop)
 
-    def compute(self, scorer: Scorer, frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
-        scores = scorer.score_frame(frame)
+    def compute(
+        self, scorer: Scorer, frame: pd.DataFrame, progress: RowsCallback | None = None
+    ) -> tuple[pd.DataFrame, dict[str, Any]]:
+        scores = scorer.score_frame(frame, progress=progress)
         return scores, score_counts(scores)
 
     def redo_failed(
-        self, scorer: Scorer, frame: pd.DataFrame, old: pd.DataFrame
+        self, scorer: Scorer, frame: pd.DataFrame, old: pd.DataFrame, progress: RowsCallback | None = None
     ) -> tuple[pd.DataFrame, dict[str, Any]]:
         """Keep the shard's good rows; rescore only the rows whose status is a failure."""
         redo = old["status"].isin(_FAILED_STATUSES).to_numpy()
-        fresh = scorer.score_frame(frame[redo].reset_index(drop=True))
+        fresh = scorer.score_frame(frame[redo].reset_index(drop=True), progress=progress)
         merged = old.copy()
         if "prompt" not in merged:
             merged["prompt"] = frame["prompt"].to_numpy()
@@ -250,9 +259,15 @@ class ShardResult:
 
 
 class ShardWorker:
-    """Loads the model once and processes shards of one run directory with its job."""
+    """Loads the model once and processes shards of one run directory with its job.
 
-    def __init__(self, run_dir: str | Path, job: ShardJob | DetectSettings, *, retry_errors: bool = False) -> None:
+    `on_rows(shard, rows)` hears of every batch done (an executor passes it on to the parent's
+    progress); `load_seconds` is how long loading the model took, which the rate leaves out."""
+
+    def __init__(
+        self, run_dir: str | Path, job: ShardJob | DetectSettings, *, retry_errors: bool = False,
+        on_rows: ShardRowsCallback | None = None,
+    ) -> None:
         from memscan.detect import build_scorer
 
         self.job = DetectJob(job) if isinstance(job, DetectSettings) else job
@@ -261,11 +276,19 @@ class ShardWorker:
         self.inputs, self.shards = self.run.plan()
         self.settings = self.job.scoring
         self.retry_errors = retry_errors
+        self.on_rows = on_rows
+        started = time.perf_counter()
         self.scorer = build_scorer(self.settings)
+        self.load_seconds = time.perf_counter() - started
         self.schema = self.job.schema(self.scorer)
         self.facts = {**self.job.facts(self.scorer), "memscan_version": __version__,
                       "fingerprint": manifest["fingerprint"]}
         self.name = describe_pid()
+
+    def describe(self) -> str:
+        """Who loaded what, for the 'model loaded' line: 'worker host:123, cpu, float32'."""
+        dtype = str(self.scorer.model.dtype).removeprefix("torch.")
+        return f"worker {self.name}, {self.scorer.model.device}, {dtype}"
 
     def pending(self, shard: Shard) -> bool:
         """Not done yet, or done with failed rows while retrying errors."""
@@ -280,11 +303,13 @@ class ShardWorker:
                 return ShardResult(shard_id, ok=True)
             started = time.perf_counter()
             frame = self.job.read(self.inputs[shard.input], self.run.root, shard)
+            on_rows = self.on_rows
+            progress = None if on_rows is None else (lambda rows: on_rows(shard_id, rows))
             if self.run.is_done(shard):
                 old = self.run.read_shard(shard).to_pandas()
-                rows, counts = self.job.redo_failed(self.scorer, frame, old)
+                rows, counts = self.job.redo_failed(self.scorer, frame, old, progress)
             else:
-                rows, counts = self.job.compute(self.scorer, frame)
+                rows, counts = self.job.compute(self.scorer, frame, progress)
             # rows: the input rows the shard covers (a job may write fewer, e.g. only flagged ones)
             stats = {**counts, "rows": shard.rows, **_timing(time.perf_counter() - started, self.name)}
             self.run.write_shard(shard, to_table(rows, self.schema, self.facts), stats)

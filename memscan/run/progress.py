@@ -1,75 +1,131 @@
-"""Progress for long runs: a rich bar on a terminal, else one plain line every `interval` seconds.
+"""Progress of a run directory: shards and rows, the rows counted per batch as workers report them.
 
-Cron mails stay readable (no carriage returns, no escape codes); interactive users get shards,
-prompts, rate and ETA live.
+The shown count is the rows of finished shards plus the rows of the batches done so far in the
+shards being scored (a 2,000-prompt run of one shard moves with every batch, not once at the
+end); a shard's count becomes exact when it is written. `status_lines` puts a run's summary
+into words for `memscan status`.
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from typing import TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from memscan.progress import Progress, format_duration, format_rate
 
 
-class RunProgress:
-    """Counts shards and rows as workers report them."""
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+class RunProgress(Progress):
+    """Counts shards and rows as workers report batches and finished shards."""
 
     def __init__(
         self, *, total_shards: int, total_rows: int, done_shards: int = 0, done_rows: int = 0,
         interval: float = 60.0, stream: TextIO | None = None, interactive: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.stream = stream or sys.stderr
-        self.total_shards, self.total_rows = total_shards, total_rows
-        self.done_shards, self.done_rows = done_shards, done_rows
+        super().__init__(interval=interval, stream=stream, interactive=interactive, clock=clock,
+                         total=total_rows, done=done_rows)
+        self.total_shards, self.done_shards = total_shards, done_shards
         self.failed = 0
-        self.interval = interval
-        self.started = time.monotonic()
-        self.rows_this_run = 0
-        self._last_line = self.started
-        is_tty = self.stream.isatty() if interactive is None else interactive
-        self._bar: Progress | None = None
-        if is_tty:
-            self._bar = Progress(
-                TextColumn("[bold]memscan"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
-                TextColumn("{task.fields[rows]} prompts, {task.fields[rate]}/s"), TimeRemainingColumn(),
-                console=Console(file=self.stream), transient=False,
-            )
-            self._task = self._bar.add_task("run", total=total_shards, completed=done_shards, rows=done_rows, rate="-")
-            self._bar.start()
+        self._live: dict[int, int] = {}  # rows done so far in shards being scored
+        self._finished: set[int] = set()  # shards done in this attempt: late batch reports are ignored
 
-    def rate(self) -> float:
-        elapsed = time.monotonic() - self.started
-        return self.rows_this_run / elapsed if elapsed > 0 else 0.0
+    def rows(self) -> int:
+        return self.done + sum(self._live.values())
 
-    def advance(self, *, rows: int, ok: bool) -> None:
-        """One shard finished (ok) or failed."""
+    def shard_started(self, shard: int) -> None:
+        """A worker took `shard` (again, if its last worker died: its rows count from zero)."""
+        self._live[shard] = 0
+        self._finished.discard(shard)
+
+    def shard_rows(self, shard: int, rows: int) -> None:
+        """A worker finished a batch of `rows` rows of `shard`."""
+        if shard in self._finished or not rows:
+            return
+        self._live[shard] = self._live.get(shard, 0) + rows
+        self.update()
+
+    def shard_done(self, shard: int, *, rows: int, ok: bool) -> None:
+        """`shard` was written (its `rows` input rows are done) or failed."""
+        self._live.pop(shard, None)
+        self._finished.add(shard)
         if ok:
             self.done_shards += 1
-            self.done_rows += rows
-            self.rows_this_run += rows
+            self.done += rows
         else:
             self.failed += 1
-        if self._bar is not None:
-            self._bar.update(self._task, completed=self.done_shards, rows=self.done_rows, rate=f"{self.rate():.1f}")
-        elif time.monotonic() - self._last_line >= self.interval:
-            self.log_line()
+        self.update()
 
-    def log_line(self) -> None:
-        self._last_line = time.monotonic()
-        rate = self.rate()
-        remaining = self.total_rows - self.done_rows
-        eta = f"{remaining / rate:.0f}s" if rate > 0 else "?"
-        print(
-            f"memscan: {self.done_shards}/{self.total_shards} shards, {self.done_rows}/{self.total_rows} prompts, "
-            f"{self.failed} failed, {rate:.1f} prompts/s, eta {eta}",
-            file=self.stream, flush=True,
-        )
+    def describe(self) -> str:
+        """'1/20 shards, 3200/100000 rows (3%), 412.5 rows/s, ETA 3 min 55 s' (failed shards when any)."""
+        rows, rate = self.rows(), self.rate()
+        share = int(100 * rows / self.total) if self.total else 100
+        failed = f"{_plural(self.failed, 'failed shard')}, " if self.failed else ""
+        return (f"{self.done_shards}/{self.total_shards} shards, {rows}/{self.total} rows ({share}%), {failed}"
+                f"{format_rate(rate)} rows/s, ETA {self.eta(rate)}")
 
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-        else:
-            self.log_line()
+
+# ---------------------------------------------------------------------- memscan status
+
+_SHOWN = {
+    "run_dir", "kind", "fingerprint", "shards", "done", "failed", "pending", "rows", "rows_done", "scored",
+    "skipped_empty", "failed_rows", "flagged", "rate_rows_per_s", "eta_s", "complete", "failed_shards", "seconds",
+    "attempt", "exit_code",
+}
+
+
+def _value(key: str, value: Any) -> str:
+    """A job's own fact or count in words: durations for seconds, '-' for nothing."""
+    if value is None:
+        return "-"
+    if key.startswith("seconds") and isinstance(value, (int, float)):
+        return format_duration(float(value))
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def status_lines(summary: dict[str, Any]) -> list[str]:
+    """A run's summary (summarize_run) as lines a person reads: no nulls, durations in words."""
+    kind = summary.get("kind", "detect")
+    shards, done, failed, pending = summary["shards"], summary["done"], summary["failed"], summary["pending"]
+    rows, rows_done = summary["rows"], summary["rows_done"]
+    if summary["complete"]:
+        state = "complete"
+    elif failed and not pending:
+        state = f"stopped: {_plural(failed, 'shard')} failed; run the same command again to retry"
+    else:
+        state = f"not finished: {_plural(pending + failed, 'shard')} to do; run the same command to continue"
+    share = int(100 * rows_done / rows) if rows else 100
+    flagged = summary["flagged"]
+    if kind == "mitigate":
+        flag_line = ("above target", "-" if flagged is None else str(flagged))
+    elif flagged is None:
+        flag_line = ("flagged", "not calibrated (no threshold: nothing is flagged)" if done else "-")
+    else:
+        flag_line = ("flagged", str(flagged))
+    rate = summary["rate_rows_per_s"]
+    eta = summary["eta_s"]
+    unknown = "unknown (no shard done yet)" if not done else "unknown"
+    lines = [
+        ("shards", f"{done} of {shards} done, {failed} failed, {pending} pending"),
+        ("rows", f"{rows_done} of {rows} done ({share}%): {summary['scored']} scored, "
+                 f"{summary['skipped_empty']} empty, {summary['failed_rows']} failed"),
+        flag_line,
+        ("rate", f"{format_rate(rate)} rows/s" if rate else unknown),
+        ("ETA", "- (complete)" if summary["complete"] else
+         ("- (only failed shards left)" if not pending else (format_duration(eta) if eta is not None else unknown))),
+    ]
+    if summary.get("seconds") is not None:
+        lines.append(("took", format_duration(summary["seconds"])))
+    lines += [(key.replace("_", " "), _value(key, value)) for key, value in summary.items() if key not in _SHOWN]
+    lines.append(("fingerprint", str(summary["fingerprint"])))
+    width = max(len(label) for label, _ in lines)
+    out = [f"memscan {kind} run {summary['run_dir']}: {state}"]
+    out += [f"  {label.ljust(width)}  {text}" for label, text in lines]
+    out += [f"  shard {shard} failed: {error}" for shard, error in summary["failed_shards"].items()]
+    return out
