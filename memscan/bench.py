@@ -109,15 +109,20 @@ def _slug(text: str) -> str:
 
 
 def bench_method(
-    model: ScoringModel, spec: str, prompts: pd.DataFrame, *, n_noise: int = 1, seed: int = 51,
+    model: ScoringModel, spec: str, prompts: pd.DataFrame, *, n_noise: int | None = None, seed: int | None = None,
     batch_size: int = 16, targets: Sequence[float] = DEFAULT_TARGETS,
 ) -> BenchResult:
-    """Score the labelled prompts with one method and evaluate. Untimed warm-up: one full batch, and
-    the tokenizer's word cache filled with every prompt, so the order of methods does not matter."""
+    """Score the labelled prompts with one method and evaluate (n_noise, seed: None takes the profile's
+    calibration values, else 1 and 51). Untimed warm-up: one full batch, and the tokenizer's word
+    cache filled with every prompt, so the order of methods does not matter."""
+    from memscan.config import calibrated_defaults
     from memscan.methods import method_for
     from memscan.models.text import tokenize
     from memscan.scorer import Scorer
 
+    defaults = calibrated_defaults(model.profile.calibration)
+    n_noise = defaults["n_noise"] if n_noise is None else n_noise
+    seed = defaults["seed"] if seed is None else seed
     method = method_for(spec, model.profile)
     tokenize(model, prompts["prompt"].tolist())
     Scorer(model, method, n_noise=n_noise, seed=seed, batch_size=batch_size).score_texts(
@@ -126,7 +131,8 @@ def bench_method(
     from memscan.config import DetectSettings
     from memscan.detect import applicable_threshold
 
-    threshold = applicable_threshold(DetectSettings(n_noise=n_noise), model.profile, method.name)
+    run = DetectSettings(method=spec, n_noise=n_noise, seed=seed)
+    threshold = applicable_threshold(run, model.profile, method.name)
     scorer = Scorer(model, method, n_noise=n_noise, seed=seed, batch_size=batch_size, threshold=threshold)
     started = time.perf_counter()
     scores = scorer.score_frame(prompts[["prompt_id", "prompt"]])
@@ -140,7 +146,7 @@ def bench_method(
 
 
 def check_bench_settings(
-    methods: Sequence[str], *, suite: str | None = None, limit: int | None = None, n_noise: int = 1,
+    methods: Sequence[str], *, suite: str | None = None, limit: int | None = None, n_noise: int | None = None,
     batch_size: int = 16, out_dir: Path | None = None, report: Path | None = None, if_exists: str = "fail",
 ) -> None:
     """Everything that can be refused before the model loads: flag values, method names, and the
@@ -195,12 +201,14 @@ def write_bench_outputs(results: Sequence[BenchResult], prompts: pd.DataFrame, o
 
 def run_bench(
     model: ScoringModel | str = "demo", *, methods: Sequence[str] = DEFAULT_METHODS, suite: str | None = None,
-    limit: int | None = None, n_noise: int = 1, seed: int = 51, batch_size: int = 16, device: str = "auto",
+    limit: int | None = None, n_noise: int | None = None, seed: int | None = None, batch_size: int = 16,
+    device: str = "auto",
     dtype: str = "auto", targets: Sequence[float] = DEFAULT_TARGETS, out_dir: Path | None = None,
     if_exists: str = "fail",
 ) -> tuple[str, list[BenchResult]]:
     """Load the model once and bench every method on the suite; returns (suite, results). Flags and
-    `out_dir` are checked first (see check_bench_settings), so a bad one costs no model load."""
+    `out_dir` are checked first (see check_bench_settings), so a bad one costs no model load; n_noise
+    and seed not given are the profile's calibration values (else 1 and 51)."""
     from memscan.models.loading import load_model
 
     check_bench_settings(methods, suite=suite, limit=limit, n_noise=n_noise, batch_size=batch_size,

@@ -271,9 +271,9 @@ def detect(
     input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Prompts: CSV, TSV, Parquet, JSONL or TXT (optionally .gz); a folder or glob for a run directory.")],
     output: Annotated[str | None, typer.Option("-o", "--output", help="A .parquet file, or a run directory (sharded, resumable): an existing directory, a path ending in '/', or a name with no suffix; other suffixes are refused (default: INPUT-NAME.scores.parquet).")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, .safetensors file, or hub id.")] = "demo",
-    method: Annotated[str, typer.Option(help=f"Detection method: {METHODS_PLACEHOLDER}; options as NAME:key=value, e.g. wen:steps=10.")] = "anisotropy",
-    n_noise: Annotated[int, typer.Option("--n-noise", help="Initial noises per prompt (n).")] = 1,
-    seed: Annotated[int, typer.Option(help="Seed of the shared noise bank.")] = 51,
+    method: Annotated[str | None, typer.Option(help=f"Detection method: {METHODS_PLACEHOLDER}; options as NAME:key=value, e.g. wen:steps=10 (default: the one the profile was calibrated with, else anisotropy).")] = None,
+    n_noise: Annotated[int | None, typer.Option("--n-noise", help="Initial noises per prompt (n) (default: the profile's calibration n_noise, else 1).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the shared noise bank (default: the profile's calibration seed, else 51).")] = None,
     batch_size: Annotated[str, typer.Option("--batch-size", help="Prompts per UNet call, or auto: 16 off CUDA, sized from free GPU memory on CUDA (halved on out-of-memory).")] = "auto",
     compile_unet: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (static shapes; pays off on a GPU for long runs: compiling takes a minute or more).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
@@ -630,8 +630,8 @@ def bench_cmd(
     suite: Annotated[str | None, typer.Option(help="sd1 (sd1_mem vs sd1_nmem), sd2 (sd2_mem vs sd1_nmem), demo, or a prompt file with a label column (default: by model).")] = None,
     methods: Annotated[str, typer.Option(help=f"Comma-separated method specs of {METHODS_PLACEHOLDER}, options as NAME:key=value, e.g. anisotropy,wen:steps=10.")] = "anisotropy,wen,norm,alignment,sharpness",
     limit: Annotated[int | None, typer.Option(help="At most this many prompts of each class (seeded sample).")] = None,
-    n_noise: Annotated[int, typer.Option("--n-noise", help="Initial noises per prompt (n).")] = 1,
-    seed: Annotated[int, typer.Option(help="Seed of the shared noise bank.")] = 51,
+    n_noise: Annotated[int | None, typer.Option("--n-noise", help="Initial noises per prompt (n) (default: the profile's calibration n_noise, else 1).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the shared noise bank (default: the profile's calibration seed, else 51).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per UNet call.")] = 16,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
@@ -652,6 +652,7 @@ def bench_cmd(
             device=device, dtype=dtype, out_dir=out_dir, if_exists=if_exists,
         )
         rows = [{**r.to_dict(), "name": r.method} for r in results]
+        n_noise = results[0].facts.get("n_noise", n_noise)  # the profile's calibration n_noise when not given
         for r in results:
             if len(r.failed):
                 _say(f"memscan: warning: {r.method}: {len(r.failed)} prompts not scored, left out "
@@ -685,8 +686,8 @@ def mitigate_cmd(
     all_rows: Annotated[bool, typer.Option("--all", help="From a detect output, take every row, not only the flagged ones.")] = False,
     emit_embeddings: Annotated[Path | None, typer.Option("--emit-embeddings", help="Also optimise each prompt's embedding; save them here (safetensors, by prompt_id).")] = None,
     embedding_steps: Annotated[int, typer.Option("--embedding-steps", help="Most AdamW steps (lr 0.05) of the embedding optimisation.")] = 50,
-    n_noise: Annotated[int, typer.Option("--n-noise", help="Initial noises per prompt (n).")] = 1,
-    seed: Annotated[int, typer.Option(help="Seed of the shared noise bank.")] = 51,
+    n_noise: Annotated[int | None, typer.Option("--n-noise", help="Initial noises per prompt (n) (default: the profile's calibration n_noise, else 1).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the shared noise bank (default: the profile's calibration seed, else 51).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per UNet call.")] = 16,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",

@@ -46,7 +46,8 @@ class DetectResult:
 
 
 def build_scorer(settings: DetectSettings, model: ScoringModel | None = None) -> Scorer:
-    """Load the model (unless given) and set up the method and noise bank once."""
+    """Load the model (unless given) and set up the method and noise bank once; method, n_noise and
+    seed not given take the loaded profile's calibration values (see DetectSettings)."""
     if model is None:
         model = load_model(
             settings.model, device=settings.device, dtype=settings.dtype,
@@ -55,6 +56,7 @@ def build_scorer(settings: DetectSettings, model: ScoringModel | None = None) ->
         )
     else:
         model = replace(model, profile=model.profile.with_overrides(**settings.profile_overrides()))
+    settings = settings.for_profile(model.profile)
     method = method_for(settings.method, model.profile)
     return Scorer(
         model, method, n_noise=settings.n_noise, seed=settings.seed,
@@ -63,14 +65,11 @@ def build_scorer(settings: DetectSettings, model: ScoringModel | None = None) ->
     )
 
 
-def applicable_threshold(settings: DetectSettings, profile: ModelProfile, method: str) -> float | None:
-    """The profile's threshold, unless it was calibrated for numbers this run does not produce.
+def threshold_conflicts(settings: DetectSettings, profile: ModelProfile, method: str) -> list[str]:
+    """Why the profile's calibrated threshold does not hold for this run (empty: it holds).
 
-    A threshold holds for the method, weights and n_noise it was calibrated with (a profile
-    without a calibration record counts as anisotropy at the run's n_noise); otherwise it is
-    dropped with a warning, since its FPR would be unknown. `--threshold` always wins."""
-    if settings.threshold is not None or profile.threshold is None:
-        return profile.threshold
+    A threshold holds for the method, weights and n_noise it was calibrated with (a profile without
+    a calibration record counts as anisotropy at the run's n_noise)."""
     calibration = profile.calibration
     reasons = []
     if calibration.get("method", "anisotropy") != method:
@@ -83,6 +82,17 @@ def applicable_threshold(settings: DetectSettings, profile: ModelProfile, method
         reasons.append("--norm-scale changes the score it was calibrated on")
     if settings.v_convention is not None and profile.prediction_type == "v_prediction":
         reasons.append("--v-convention changes the score it was calibrated on")
+    return reasons
+
+
+def applicable_threshold(settings: DetectSettings, profile: ModelProfile, method: str) -> float | None:
+    """The profile's threshold, unless it was calibrated for numbers this run does not produce.
+
+    See threshold_conflicts; a threshold that does not hold is dropped with a warning, since its FPR
+    would be unknown. `--threshold` always wins."""
+    if settings.threshold is not None or profile.threshold is None:
+        return profile.threshold
+    reasons = threshold_conflicts(settings, profile, method)
     if reasons:
         log.warning("not flagging with the profile's threshold: %s; pass --threshold to set one", "; ".join(reasons))
         return None
@@ -93,12 +103,13 @@ def score_prompts(
     prompts: Sequence[str | None],
     model: ScoringModel | str = "demo",
     *,
-    n_noise: int = 1,
-    seed: int = 51,
+    n_noise: int | None = None,
+    seed: int | None = None,
     batch_size: int = 16,
-    method: str = "anisotropy",
+    method: str | None = None,
 ) -> pd.DataFrame:
-    """Score an in-memory list of prompts; the quickest way in from Python."""
+    """Score an in-memory list of prompts; the quickest way in from Python (n_noise, seed, method:
+    None takes the profile's calibration values, else 1, 51, anisotropy)."""
     settings = DetectSettings(
         model=model if isinstance(model, str) else model.profile.name, method=method,
         n_noise=n_noise, seed=seed, batch_size=batch_size,
@@ -155,6 +166,8 @@ def detect(
     The input is read before the model is loaded, so input errors cost nothing. `progress`
     (none: silent) gets a start line, the model's load time, and the rows of every batch."""
     settings = settings or DetectSettings()
+    if model is not None:
+        settings = settings.for_profile(model.profile)
     output_path = Path(output) if output is not None else None
     if output_path is not None:
         check_output(output_path, inputs=[input_path], if_exists=if_exists)

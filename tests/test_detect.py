@@ -89,3 +89,103 @@ def test_norm_scale_flag_drops_a_calibrated_threshold(tiny_model: ScoringModel) 
     assert applicable_threshold(DetectSettings(norm_scale="reference-v"), profile, "anisotropy") is None
     with pytest.raises(UsageError, match="norm-scale"):
         DetectSettings(norm_scale="snr")
+
+
+# ------------------------------------------------------------------ a calibrated profile's settings
+
+
+def _calibrated_profile(tmp_path: Path, model_dir: Path, *, threshold: float = -100.0) -> Path:
+    """A profile of the tiny model folder calibrated (so its [calibration] says) with n_noise 2, seed 7;
+    the threshold is low enough to flag every prompt, so `flagged` shows whether it was kept."""
+    path = tmp_path / "calibrated.toml"
+    path.write_text(
+        f'source = "{model_dir}"\nresolution = 64\n\n[scoring]\nw_norm = 1.0\nw_align = 2.0\n'
+        f"threshold = {threshold!r}\n\n[calibration]\nmethod = \"anisotropy\"\nn_noise = 2\nseed = 7\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_a_calibrated_profile_gives_the_defaults_of_noise_seed_and_method(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without flags, `--model calibrated.toml` scores with the n_noise, seed and method it was
+    calibrated with, so its threshold is kept; an explicit flag that differs drops it with the warning."""
+    from typer.testing import CliRunner
+
+    from memscan.cli import app
+
+    profile = _calibrated_profile(tmp_path, tiny_model_dir)
+    settings = DetectSettings(model=str(profile))
+    assert (settings.n_noise, settings.seed, settings.method) == (2, 7, "anisotropy")
+    assert (DetectSettings(model=str(tiny_model_dir)).n_noise, DetectSettings().seed) == (1, 51)  # no calibration
+    assert DetectSettings(model=str(profile), n_noise=1).n_noise == 1
+
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt\na photo of a cat\na red square\n", encoding="utf-8")
+    runner = CliRunner()
+    out = tmp_path / "s.parquet"
+    result = runner.invoke(app, ["detect", str(prompts), "-o", str(out), "--model", str(profile)])
+    assert result.exit_code == 0, result.output
+    facts = json.loads(pq.read_schema(out).metadata[b"memscan"])
+    assert (facts["n_noise"], facts["seed"], facts["method"], facts["threshold"]) == (2, 7, "anisotropy", -100.0)
+    assert pq.read_table(out).to_pandas()["flagged"].tolist() == [True, True]
+    assert "not flagging" not in caplog.text
+
+    explicit = runner.invoke(app, ["detect", str(prompts), "-o", str(tmp_path / "one.parquet"), "--model", str(profile),
+                                   "--n-noise", "1"])
+    assert explicit.exit_code == 0, explicit.output
+    assert "not flagging with the profile's threshold: it was calibrated with n_noise=2, not 1" in caplog.text
+    one = pq.read_table(tmp_path / "one.parquet")
+    assert json.loads(one.schema.metadata[b"memscan"])["n_noise"] == 1 and one.to_pandas()["flagged"].isna().all()
+
+
+def test_a_model_object_resolves_the_defaults_against_its_own_profile(tiny_model: ScoringModel, tmp_path: Path) -> None:
+    """`detect(..., model=loaded)` takes the defaults from the loaded model's profile, not from `settings.model`."""
+    profile = tiny_model.profile.with_overrides(threshold=-100.0, calibration={"n_noise": 2, "seed": 7})
+    model = ScoringModel(**{**tiny_model.__dict__, "profile": profile})
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt\na photo of a cat\n", encoding="utf-8")
+    result = detect(prompts, None, DetectSettings(), model=model)
+    assert result.summary["threshold"] == -100.0 and result.scores["flagged"].tolist() == [True]
+    assert score_prompts(["a photo of a cat"], model)["score"].iloc[0] == pytest.approx(result.scores["score"].iloc[0])
+
+
+def test_the_fingerprint_uses_the_resolved_settings(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A run made with the profile's defaults and one given the same values as flags are the same run
+    (a resume compares resolved settings); a different n_noise is not."""
+    from memscan.config import fingerprint
+    from memscan.run.job import fingerprint_fields
+
+    profile = _calibrated_profile(tmp_path, tiny_model_dir)
+    implicit, explicit = DetectSettings(model=str(profile)), DetectSettings(model=str(profile), n_noise=2, seed=7,
+                                                                            method="anisotropy")
+    assert fingerprint(implicit) == fingerprint(explicit) != fingerprint(DetectSettings(model=str(profile), n_noise=1))
+    assert fingerprint_fields(implicit, [], 10) == fingerprint_fields(explicit, [], 10)
+    assert implicit.to_dict() == explicit.to_dict() and implicit.to_dict()["n_noise"] == 2
+
+
+def test_mitigate_takes_its_target_from_a_calibrated_profile_or_says_why_not(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from memscan.cli import app
+    from memscan.mitigation import MitigateSettings
+    from memscan.mitigation.run import resolve_target
+
+    profile = _calibrated_profile(tmp_path, tiny_model_dir, threshold=1e6)  # nothing above it: no search
+    assert resolve_target(MitigateSettings(detect=DetectSettings(model=str(profile)))) == 1e6
+    with pytest.raises(UsageError, match=r"calibrated with n_noise=2, not 1.*--target"):
+        resolve_target(MitigateSettings(detect=DetectSettings(model=str(profile), n_noise=1)))
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt\na photo of a cat\n", encoding="utf-8")
+    runner = CliRunner()
+    result = runner.invoke(app, ["mitigate", str(prompts), "-o", str(tmp_path / "m.parquet"), "--model", str(profile),
+                                 "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["target"] == 1e6
+    refused = runner.invoke(app, ["mitigate", str(prompts), "-o", str(tmp_path / "n.parquet"), "--model", str(profile),
+                                  "--device", "cpu", "--n-noise", "1"])
+    assert refused.exit_code == 2
+    assert "calibrated with n_noise=2, not 1" in refused.stderr and "--target" in refused.stderr

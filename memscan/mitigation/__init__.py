@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 
 from memscan import __version__
-from memscan.errors import UsageError
 from memscan.io.scores import STATUS_NONFINITE, STATUS_SKIPPED_EMPTY, to_table, write_scores
 from memscan.mitigation.attribution import attribute
 from memscan.mitigation.differentiable import DifferentiableScore
@@ -26,7 +25,7 @@ from memscan.mitigation.edits import EditSpace
 from memscan.mitigation.embeddings import load_embeddings, optimise_embedding, save_embeddings
 from memscan.mitigation.neighbours import TokenNeighbours
 from memscan.mitigation.search import RewriteSearch, SearchSettings
-from memscan.mitigation.settings import MitigateSettings
+from memscan.mitigation.settings import MitigateSettings, no_target_error
 from memscan.mitigation.similarity import resolve_similarity
 from memscan.mitigation.table import (
     STATUS_NOT_FLAGGED,
@@ -86,10 +85,7 @@ def mitigate(
         scorer = build_scorer(detect, model)
         target = settings.target if settings.target is not None else scorer.threshold
         if target is None:
-            raise UsageError(
-                f"no target score: model profile {scorer.model.profile.name!r} has no threshold valid for these "
-                "settings; pass --target"
-            )
+            raise no_target_error(detect.for_profile(scorer.model.profile), scorer.model.profile, scorer.method.name)
         if progress is not None and model is None:
             progress.model_loaded()
         rows, timing = rewrite_prompts(scorer, frame, target, settings,

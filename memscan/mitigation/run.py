@@ -72,10 +72,9 @@ def resolve_target(settings: MitigateSettings, profile: ModelProfile | None = No
     profile = profile or _profile(settings)
     target = applicable_threshold(detect, profile, detect.method)
     if target is None:
-        raise UsageError(
-            f"no target score: model profile {profile.name!r} has no threshold valid for these settings; "
-            "pass --target"
-        )
+        from memscan.mitigation.settings import no_target_error
+
+        raise no_target_error(detect, profile, detect.method)
     return float(target)
 
 

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from memscan.config import DetectSettings
 from memscan.errors import UsageError
 from memscan.mitigation.edits import NEUTRAL_WORDS
 from memscan.mitigation.similarity import check_similarity
 
+if TYPE_CHECKING:
+    from memscan.models.profiles import ModelProfile
+
 PREFER = ("score", "similarity")
 
 
 @dataclass(frozen=True)
 class MitigateSettings:
-    """What `memscan mitigate` was asked to do; `detect` holds model, noise and batch settings."""
+    """What `memscan mitigate` was asked to do; `detect` holds model, noise and batch settings (its
+    method, n_noise and seed, when not given, are the profile's calibration values, so that the
+    profile's threshold is the target)."""
 
     detect: DetectSettings = field(default_factory=DetectSettings)
     target: float | None = None  # None: the profile's calibrated threshold
@@ -50,3 +56,17 @@ class MitigateSettings:
             raise UsageError(f"--embedding-lr must be > 0, got {self.embedding_lr}")
         if any(not w or any(c.isspace() for c in w) for w in self.insert_words):
             raise UsageError("--insert-words must be single words")
+
+
+def no_target_error(detect: DetectSettings, profile: ModelProfile, method: str) -> UsageError:
+    """The error when there is no --target and the profile's threshold cannot be one: it has none, or
+    it was calibrated for other settings (named: which setting differs, and how)."""
+    from memscan.detect import threshold_conflicts
+
+    if profile.threshold is None:
+        why = "it has no threshold (not calibrated: see `memscan calibrate`)"
+    else:
+        reasons = threshold_conflicts(detect, profile, method)
+        why = f"its threshold does not hold for these settings: {'; '.join(reasons) or 'unknown'}"
+    return UsageError(f"no target score: model profile {profile.name!r}: {why}; pass --target, or run with the "
+                      "settings the profile was calibrated with")

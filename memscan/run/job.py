@@ -278,7 +278,8 @@ class ShardWorker:
         self.retry_errors = retry_errors
         self.on_rows = on_rows
         started = time.perf_counter()
-        self.scorer = build_scorer(self.settings)
+        load = getattr(self.job, "load_model", None)  # a job that needs more than scoring does (confirm: the VAE)
+        self.scorer = build_scorer(self.settings, load() if load is not None else None)
         self.load_seconds = time.perf_counter() - started
         self.schema = self.job.schema(self.scorer)
         self.facts = {**self.job.facts(self.scorer), "memscan_version": __version__,
