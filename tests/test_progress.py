@@ -70,6 +70,7 @@ def test_run_directory_of_one_shard_logs_per_batch(tiny_model_dir: Path, tmp_pat
     assert progress[-1].group(1, 2, 3, 4) == ("1", "1", "10", "10")
 
 
+@pytest.mark.slow  # ~20 s on a loaded 2-core machine: two spawned processes import torch
 def test_worker_processes_report_batches_to_the_parent(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     prompts = _prompts(tmp_path / "p.csv", 12)
     settings = DetectSettings(model=str(tiny_model_dir), device="cpu", batch_size=2)
