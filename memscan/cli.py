@@ -758,6 +758,87 @@ def _report_mitigate_run(summary: dict[str, Any], json_summary: bool) -> None:
     )
 
 
+@app.command("confirm", epilog=(
+    "\b\nExamples:\n"
+    "  memscan confirm candidates.csv --model ./my-model -o labels.csv --embedder openai/clip-vit-base-patch32\n"
+    "  memscan confirm data/demo/prompts.csv -o labels.csv --embedder vae --contact-sheet sheet.html\n"
+    "  memscan confirm candidates.csv --model sd-v1-4 -o confirm/ --gpus all --train-images laion-subset.parquet"
+))
+def confirm_cmd(
+    input_path: Annotated[Path, typer.Argument(metavar="PROMPTS", help="Candidate prompts: CSV, TSV, Parquet, JSONL or TXT (optionally .gz); a folder or glob for a run directory.")],
+    output: Annotated[str | None, typer.Option("-o", "--output", help="A labelled .csv or .parquet file, or a run directory (sharded, resumable): an existing directory, a path ending in '/', or a name with no suffix (default: PROMPTS-NAME.labels.csv).")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, or hub id (with a VAE).")] = "demo",
+    k: Annotated[int, typer.Option("--k", "-k", help="Generations per prompt, from seeds SEED, SEED+1, ...")] = 4,
+    embedder: Annotated[str, typer.Option(help="Image similarity: pixel (downsampled pixels), vae (the model's own VAE latents), or a CLIP/DINO vision model, a folder or cached hub id (cosine).")] = "vae",
+    threshold: Annotated[float | None, typer.Option(help="Near-duplicate distance (default per embedder: pixel 0.1, vae 0.25, a model 0.1).")] = None,
+    min_cluster: Annotated[int | None, typer.Option("--min-cluster", help="Generations that must be one image (or match one training image) (default: half of k, at least 2).")] = None,
+    train_images: Annotated[Path | None, typer.Option("--train-images", help="Training images to match: a folder of images, a .parquet (image bytes column) or an .npz (images array).")] = None,
+    contact_sheet: Annotated[Path | None, typer.Option("--contact-sheet", help="Also write an HTML page of each prompt's generations and its training match.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the first generation.")] = 0,
+    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 50,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pipeline call (halved on out-of-memory).")] = 16,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
+    architecture: Annotated[str | None, typer.Option(help="Config folder for a single-file checkpoint: sd-v1, sd-v2, sd-v2-base.")] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .ckpt/.bin checkpoints (they can run code).")] = False,
+    prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="Prompt column (default: prompt, caption or text).")] = None,
+    id_column: Annotated[str | None, typer.Option("--id-column", help="Id column (default: FILE:ROW).")] = None,
+    store_prompt: Annotated[bool, typer.Option("--store-prompt/--no-store-prompt", help="Keep the prompt text in the output.")] = True,
+    if_exists: Annotated[str | None, typer.Option("--if-exists", help="Output exists: fail, overwrite, or resume (run directories) (default: fail for a file, resume for a directory).")] = None,
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Rows per shard (run directories).")] = 10_000,
+    retry_errors: Annotated[bool, typer.Option("--retry-errors", help="Label again only rows whose status is not ok (run directories).")] = False,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (CPU) or Ray actors (run directories).")] = None,
+    gpus: Annotated[str | None, typer.Option(help="One worker process per GPU: 0,1,... or all (run directories).")] = None,
+    executor: Annotated[str, typer.Option(help="local or ray (run directories; ray needs memscan[ray]).")] = "local",
+    log_interval: Annotated[float, typer.Option("--log-interval", help="Seconds between progress lines when not on a terminal.")] = 60.0,
+    json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+) -> None:
+    """Label prompts memorized or not from k generations each: a labelled file for `memscan calibrate`."""
+    with cli_errors():
+        from memscan.config import DetectSettings
+        from memscan.confirm.core import ConfirmSettings, confirm, file_output
+
+        settings = ConfirmSettings(
+            detect=DetectSettings(model=model, batch_size=1, device=device, dtype=dtype, architecture=architecture,
+                                  allow_pickle=allow_pickle, prompt_column=prompt_column, id_column=id_column,
+                                  store_prompt=store_prompt),
+            k=k, seed=seed, steps=steps, guidance=guidance, batch_size=batch_size, embedder=embedder,
+            threshold=threshold, min_cluster=min_cluster, train_images=None if train_images is None else str(train_images),
+        )
+        output = output or _default_output(input_path).name.removesuffix(".scores.parquet") + ".labels.csv"
+        if not file_output(output):
+            from memscan.confirm.run import run_confirm
+            from memscan.run import RunOptions
+
+            options = RunOptions(shard_size=shard_size, if_exists=if_exists or "resume", retry_errors=retry_errors)
+            outcome = run_confirm(input_path, output, settings, options, executor=executor, workers=workers, gpus=gpus,
+                                  log_interval=log_interval, contact_sheet=contact_sheet)
+            s = outcome.summary
+            if json_summary:
+                typer.echo(json.dumps(s, indent=2))
+            _say(f"{s['done']}/{s['shards']} shards done, {s['failed']} failed, {s['rows_done']}/{s['rows']} rows: "
+                 f"{s['memorized']} memorized, {s['not_memorized']} not memorized, {s['failed_rows']} failed; "
+                 f"threshold {s['threshold']:g} ({s['embedder']}), k {s['k']}, min_cluster {s['min_cluster']} "
+                 f"-> {s['run_dir']} (memscan merge {s['run_dir']} -o labels.parquet)")
+            raise typer.Exit(outcome.exit_code)
+        if gpus or workers or executor != "local" or retry_errors:
+            raise UsageError("--gpus, --workers, --executor and --retry-errors need a run directory (-o DIR)")
+        from memscan.progress import Progress
+
+        progress = Progress(interval=log_interval, stream=sys.stderr)
+        s = confirm(input_path, output, settings, if_exists=if_exists or "fail", contact_sheet=contact_sheet,
+                    progress=progress).summary
+        if json_summary:
+            typer.echo(json.dumps(s, indent=2))
+        gap = s["distance_gap"]
+        _say(f"{s['rows']} rows: {s['memorized']} memorized, {s['not_memorized']} not memorized, "
+             f"{s['skipped_empty']} empty, {s['failed_rows']} failed; threshold {s['threshold']:g} ({s['embedder']}, "
+             f"{s['metric']}), k {s['k']}, min_cluster {s['min_cluster']}; decision distance: memorized up to "
+             f"{gap['memorized_max']}, not memorized from {gap['not_memorized_min']} -> {s['output']}"
+             + (f", {s['contact_sheet']}" if s["contact_sheet"] else ""))
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
