@@ -735,7 +735,10 @@ def mitigate_cmd(
             raise typer.Exit(outcome.exit_code)
         if gpus or workers or executor != "local":
             raise UsageError("--gpus, --workers and --executor need a run directory (-o DIR)")
-        s = mitigate(input_path, output, settings, if_exists=if_exists or "fail").summary
+        from memscan.progress import Progress
+
+        progress = Progress(interval=log_interval, stream=sys.stderr)
+        s = mitigate(input_path, output, settings, if_exists=if_exists or "fail", progress=progress).summary
         if json_summary:
             typer.echo(json.dumps(s, indent=2))
         _say(
