@@ -564,8 +564,10 @@ def calibrate_cmd(
     target_fpr: Annotated[float, typer.Option("--target-fpr", help="Share of clean prompts allowed above the threshold.")] = 0.01,
     confidence: Annotated[float, typer.Option(help="Probability that the FPR on new clean prompts stays within the target.")] = 0.9,
     fit: Annotated[bool, typer.Option("--fit/--no-fit", help="Fit w_norm and w_align by logistic regression (else keep the scores' weights).")] = True,
-    holdout: Annotated[float, typer.Option(help="Share of labelled prompts kept aside to measure FPR/TPR on (stratified).")] = 0.0,
+    holdout: Annotated[float, typer.Option(help="Share of labelled prompts kept aside to measure FPR/TPR on (stratified; whole groups with --group-column/--groups).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the holdout split.")] = 0,
+    group_column: Annotated[str | None, typer.Option("--group-column", help="Column (of the labels file, else SCORES) naming each prompt's caption family: the guarantee counts families, the holdout keeps them whole.")] = None,
+    groups: Annotated[str | None, typer.Option("--groups", help="auto: caption families found from the prompt text (word-set Jaccard >= 0.7, or the same caption without digits and punctuation), used as --group-column.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the calibration as JSON on stdout.")] = False,
     if_exists: Annotated[str, typer.Option("--if-exists", help="Output exists: fail or overwrite (never over an input).")] = "fail",
 ) -> None:
@@ -573,9 +575,11 @@ def calibrate_cmd(
     with cli_errors():
         from memscan.evaluate import calibrate_scores
 
+        if groups not in (None, "auto"):
+            raise UsageError(f"--groups {groups!r}: the only value is auto (or name a column with --group-column)")
         profile, result = calibrate_scores(
             scores, output, labels_path=labels, model=model, target_fpr=target_fpr, confidence=confidence, fit=fit, holdout=holdout,
-            seed=seed, label_column=label_column, if_exists=if_exists,
+            seed=seed, label_column=label_column, if_exists=if_exists, group_column=group_column, auto_groups=groups == "auto",
         )
         if json_out:
             typer.echo(json.dumps({"profile": str(output), **result.to_dict()}, indent=2))
@@ -588,13 +592,23 @@ def calibrate_cmd(
             + (f"; held out: FPR {held['fpr']:.3f}, TPR {held['tpr']:.3f}" if held and held["tpr"] is not None else "")
             + f" -> {output}"
         )
+        if result.groups is not None:
+            _say(f"caption families ({result.groups}): {result.group_fpr:.3f} of {result.n_clean_groups} clean families "
+                 f"have a member above the threshold (target {target_fpr:g})"
+                 + (f"; held out: {held['group_fpr']:.3f} of {held['n_clean_groups']} families, prompt FPR {held['fpr']:.3f}"
+                    if held and held.get("group_fpr") is not None else ""))
+        for warning in result.warnings:
+            _say(f"memscan: warning: {warning}")
         facts = profile.calibration
-        _say(f"use it as: memscan detect PROMPTS --model {output} --method {facts.get('method', 'anisotropy')} "
-             f"--n-noise {facts.get('n_noise', 1)} --seed {facts.get('seed', 51)} (the threshold holds for these only)")
+        _say(f"use it as: memscan detect PROMPTS --model {output} (its method {facts.get('method', 'anisotropy')}, "
+             f"n_noise {facts.get('n_noise', 1)} and seed {facts.get('seed', 51)} are the defaults there; "
+             "the threshold holds for these only)")
         if not result.guaranteed:
             from memscan.evaluate import min_clean_prompts
 
-            _say(f"memscan: warning: {result.n_clean} clean prompts are too few to bound the FPR at {target_fpr:g} "
+            what = "clean prompts" if result.groups is None else "clean caption families"
+            count = result.n_clean if result.groups is None else result.n_clean_groups
+            _say(f"memscan: warning: {count} {what} are too few to bound the FPR at {target_fpr:g} "
                  f"with confidence {confidence:g} (need {min_clean_prompts(target_fpr, confidence)}); "
                  "the threshold is just above the largest clean score")
 

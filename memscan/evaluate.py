@@ -21,6 +21,15 @@ distribution is at most α (not only on average), and the calibration prompts' o
 The threshold sits in the gap just above that clean score, not on it (a threshold equal to a score
 flags it or not depending on the last bit, e.g. on the thread count); a higher threshold keeps the
 guarantee.
+
+Caption families: prompts that come in families (one template, one subject in many phrasings) are
+not exchangeable, and the binomial count over prompts overstates the guarantee (one family above the
+rest is m "independent" false positives). With groups (a column, or `caption_groups`), the count is
+over groups: a clean group is a false positive when any of its clean prompts is above the threshold,
+n is the number of clean groups, and the threshold is just above the group-maximum clean score with m
+groups above it. Then, with probability at least `confidence`, at most α of new clean caption
+families (drawn like these) have a member above the threshold. `--holdout` keeps whole groups on one
+side, and both prompt- and group-level FPR are reported.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -82,50 +92,80 @@ def parse_labels(values: Sequence[Any] | pd.Series) -> np.ndarray:
 
 
 def read_labels(path: Path, *, label_column: str = LABEL_COLUMN, id_column: str | None = None,
-                prompt_column: str | None = None) -> pd.DataFrame:
-    """A labels file as `prompt_id`, `prompt`, `label` (float: 1, 0 or NaN); any prompt format."""
+                prompt_column: str | None = None, extra_columns: Sequence[str] = ()) -> pd.DataFrame:
+    """A labels file as `prompt_id`, `prompt`, `label` (float: 1, 0 or NaN), plus `extra_columns` as
+    they are (a group column); any prompt format."""
     from memscan.io.readers import PromptSource
 
-    source = PromptSource(path, prompt_column=prompt_column, id_column=id_column, keep_columns=[label_column])
+    keep = [label_column, *(c for c in extra_columns if c != label_column)]
+    source = PromptSource(path, prompt_column=prompt_column, id_column=id_column, keep_columns=keep)
     frame = source.read()
     return pd.DataFrame({
         "prompt_id": frame["prompt_id"].astype(str), "prompt": frame["prompt"],
-        "label": parse_labels(frame[label_column]),
+        "label": parse_labels(frame[label_column]), **{c: frame[c] for c in extra_columns},
     })
 
 
 def attach_labels(scores: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
-    """`scores` with a float `label` column, joined on `prompt_id` or else on the prompt text.
+    """`scores` with a float `label` column, joined on `prompt_id` or else on the prompt text; the
+    labels' other columns (but `prompt_id`, `prompt`) come along on the same key.
 
     The key that labels more rows wins; a prompt text listed with two different labels is an error."""
-    by_id = scores["prompt_id"].astype(str).map(labels.drop_duplicates("prompt_id").set_index("prompt_id")["label"])
+    by_id_table = labels.drop_duplicates("prompt_id").set_index("prompt_id")
+    by_id = scores["prompt_id"].astype(str).map(by_id_table["label"])
     by_prompt = pd.Series(np.nan, index=scores.index)
     if "prompt" in scores and labels["prompt"].notna().any():
         known = labels.dropna(subset=["prompt", "label"])
         conflicts = known.groupby("prompt")["label"].nunique()
         if (conflicts > 1).any():
             raise InputError(f"labels: prompt {conflicts[conflicts > 1].index[0]!r} has conflicting labels")
-        by_prompt = scores["prompt"].map(known.drop_duplicates("prompt").set_index("prompt")["label"])
-    label = by_id if by_id.notna().sum() >= by_prompt.notna().sum() else by_prompt
+        by_prompt_table = known.drop_duplicates("prompt").set_index("prompt")
+        by_prompt = scores["prompt"].map(by_prompt_table["label"])
+    use_id = by_id.notna().sum() >= by_prompt.notna().sum()
+    label = by_id if use_id else by_prompt
     if label.notna().sum() == 0:
         raise InputError("no scored row matches a labelled row (by prompt_id or by prompt text)")
-    return scores.assign(label=label.astype(float).to_numpy())
+    extra = {}
+    for column in (c for c in labels.columns if c not in ("prompt_id", "prompt", "label")):
+        key, table = (scores["prompt_id"].astype(str), by_id_table) if use_id else (scores["prompt"], by_prompt_table)
+        extra[column] = key.map(table[column]).to_numpy()
+    return scores.assign(label=label.astype(float).to_numpy(), **extra)
 
 
 def load_labelled(
     scores_path: Path, labels_path: Path | None = None, *, label_column: str = LABEL_COLUMN,
-    id_column: str | None = None,
+    id_column: str | None = None, extra_columns: Sequence[str] = (),
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """A scores file with a `label` column (its own, or joined from a labels file) and its run facts."""
+    """A scores file with a `label` column (its own, or joined from a labels file) and its run facts;
+    `extra_columns` (a group column) come from the labels file when it has them, else from the scores."""
     from memscan.io.scores import read_scores
 
     scores, facts = read_scores(Path(scores_path))
     if labels_path is not None:
-        labels = read_labels(Path(labels_path), label_column=label_column, id_column=id_column)
-        return attach_labels(scores, labels), facts
-    if label_column not in scores:
+        columns = _columns_of(Path(labels_path)) if extra_columns else set()
+        from_labels = [c for c in extra_columns if c in columns]
+        labels = read_labels(Path(labels_path), label_column=label_column, id_column=id_column,
+                             extra_columns=from_labels)
+        frame = attach_labels(scores.drop(columns=[c for c in from_labels if c in scores]), labels)
+    elif label_column not in scores:
         raise InputError(f"{scores_path}: no {label_column!r} column; pass --labels FILE")
-    return scores.assign(label=parse_labels(scores[label_column])), facts
+    else:
+        frame = scores.assign(label=parse_labels(scores[label_column]))
+    missing = [c for c in extra_columns if c not in frame]
+    if missing:
+        raise InputError(f"no column {missing[0]!r} in {labels_path or scores_path}"
+                         + (f" or {scores_path}" if labels_path is not None else ""))
+    return frame, facts
+
+
+def _columns_of(path: Path) -> set[str]:
+    """The column names of a prompt file (none for plain text)."""
+    from memscan.io.readers import PromptSource
+
+    try:
+        return set(PromptSource(path).columns)
+    except InputError:
+        return set()
 
 
 def usable(frame: pd.DataFrame, column: str = "score") -> pd.DataFrame:
@@ -311,25 +351,145 @@ def gap_threshold(chosen: float, scores: np.ndarray) -> float:
 
 def clean_threshold(
     clean_scores: np.ndarray, target_fpr: float, confidence: float = 0.9, *, others: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
 ) -> tuple[float, bool]:
     """(threshold, guaranteed): just above the clean score with m others above it, m the largest count
     with P(Binomial(n, α) <= m) <= 1 - confidence; with too few prompts for any m, just above the
     largest clean score and `guaranteed` False. "Just above" is `gap_threshold` over the clean scores
     and `others` (the memorized prompts' scores), so float rounding (thread counts, machines) cannot
-    flip a calibration prompt; any threshold above the order statistic keeps the guarantee."""
+    flip a calibration prompt; any threshold above the order statistic keeps the guarantee.
+
+    With `groups` (one per clean score) the count is over groups: each group's largest clean score is
+    one draw, n the number of groups, so exactly m groups have a member above the threshold."""
     from scipy.stats import binom
 
     _check_target(target_fpr)
     if not 0 < confidence < 1:
         raise UsageError(f"confidence must be in (0, 1), got {confidence}")
-    ordered = np.sort(np.asarray(clean_scores, dtype=np.float64))
+    clean = np.asarray(clean_scores, dtype=np.float64)
+    draws = clean if groups is None else pd.Series(clean).groupby(np.asarray(groups)).max().to_numpy()
+    ordered = np.sort(draws)
     n = ordered.size
     if n == 0:
         raise InputError("calibration needs known-clean (not memorized) prompts; got none")
     allowed = np.flatnonzero(binom.cdf(np.arange(n), n, target_fpr) <= 1 - confidence)
     above = int(allowed[-1]) if allowed.size else 0
-    labelled = ordered if others is None else np.r_[ordered, np.asarray(others, dtype=np.float64)]
+    labelled = np.sort(clean) if others is None else np.r_[clean, np.asarray(others, dtype=np.float64)]
     return gap_threshold(float(ordered[n - 1 - above]), labelled), bool(allowed.size)
+
+
+# Caption families found from the text (`--groups auto`): two prompts are in one family when their
+# word sets have Jaccard similarity >= GROUP_JACCARD, or when they are the same caption once digits
+# and punctuation are removed ("photo 12 of x." and "photo 7 of x"); families are the connected
+# components (single linkage) of that relation. Words: lower case, split on anything that is not a
+# letter. At 0.7, captions of 6 or more words that differ in one word are one family
+# ("a red boat on the rocks at night", "a blue boat on the rocks at night"); two 4-word captions that
+# differ in one word are not (3/5).
+GROUP_JACCARD = 0.7
+_NOT_A_LETTER = re.compile(r"[\W\d_]+")
+
+
+def caption_words(text: Any) -> tuple[str, ...]:
+    """A caption's words: lower case, digits and punctuation removed."""
+    return tuple(_NOT_A_LETTER.sub(" ", "" if text is None or text is pd.NA else str(text).lower()).split())
+
+
+def caption_groups(prompts: Sequence[Any], *, jaccard: float = GROUP_JACCARD) -> np.ndarray:
+    """Caption families (see GROUP_JACCARD): an int per prompt, numbered 0, 1, ... by first appearance.
+
+    Deterministic and exact. Prompts with the same word set are one family at once (Jaccard 1);
+    between distinct word sets, candidate pairs come from prefix filtering (two sets with Jaccard >= t
+    share one of the first |A| - ceil(t|A|) + 1 words of each, rarest first), so common words like
+    "a" or "the" cost nothing, and the candidates' overlaps are counted with numpy."""
+    if not 0 < jaccard <= 1:
+        raise UsageError(f"group Jaccard similarity must be in (0, 1], got {jaccard}")
+    distinct: dict[frozenset[str], int] = {}
+    of_prompt = np.array([distinct.setdefault(frozenset(caption_words(p)), len(distinct)) for p in prompts],
+                         dtype=np.int64)
+    sets = list(distinct)
+    frequency: dict[str, int] = {}
+    for word_set in sets:
+        for word in word_set:
+            frequency[word] = frequency.get(word, 0) + 1
+    rank = {w: r for r, w in enumerate(sorted(frequency, key=lambda w: (frequency[w], w)))}  # rarest first
+    ordered = [np.sort(np.fromiter((rank[w] for w in word_set), dtype=np.int64, count=len(word_set)))
+               for word_set in sets]
+    sizes = np.array([len(x) for x in ordered], dtype=np.int64)
+    indptr = np.r_[0, np.cumsum(sizes)]
+    indices = np.concatenate(ordered) if ordered else np.zeros(0, dtype=np.int64)
+    prefixes = [x[: len(x) - math.ceil(jaccard * len(x) - 1e-9) + 1] if len(x) else x for x in ordered]
+    owners = np.repeat(np.arange(len(sets)), [len(x) for x in prefixes])
+    flat = np.concatenate(prefixes) if prefixes else np.zeros(0, dtype=np.int64)
+    order = np.lexsort((owners, flat))  # postings: for each word, the sets with it in their prefix, ascending
+    posting_words, posting_sets = flat[order], owners[order]
+    bounds = np.searchsorted(posting_words, np.arange(len(rank) + 1))
+    parent = np.arange(len(sets))
+    member = np.zeros(len(rank), dtype=bool)
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = int(parent[i])
+        return i
+
+    for i, prefix in enumerate(prefixes):
+        parts = []
+        for word in prefix:
+            posting = posting_sets[bounds[word]:bounds[word + 1]]
+            parts.append(posting[: np.searchsorted(posting, i)])  # the sets before this one
+        candidates = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+        size = sizes[candidates]  # Jaccard >= t needs t|A| <= |B| <= |A|/t
+        candidates = candidates[(size >= jaccard * sizes[i] - 1e-9) & (size * jaccard <= sizes[i] + 1e-9)]
+        if not candidates.size:
+            continue
+        lengths = sizes[candidates]
+        ends = np.cumsum(lengths)
+        positions = np.repeat(indptr[candidates] - ends + lengths, lengths) + np.arange(ends[-1])
+        member[ordered[i]] = True
+        shared = np.add.reduceat(member[indices[positions]], ends - lengths).astype(np.float64)
+        member[ordered[i]] = False
+        similar = shared >= jaccard * (lengths + sizes[i] - shared) - 1e-6
+        for j in candidates[similar]:
+            a, b = root(i), root(int(j))
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    roots = [root(int(i)) for i in of_prompt]
+    numbering: dict[int, int] = {}
+    return np.array([numbering.setdefault(r, len(numbering)) for r in roots], dtype=np.int64)
+
+
+def _group_ids(groups: Sequence[Any] | pd.Series) -> np.ndarray:
+    """Group values as ints; a missing value (None, NaN, empty) is a group of its own."""
+    values = pd.Series(list(groups), dtype=object)
+    missing = values.isna() | (values.astype(str).str.strip() == "")
+    codes = pd.factorize(values.where(~missing, None), use_na_sentinel=True)[0].astype(np.int64)
+    codes[missing.to_numpy()] = codes.max(initial=-1) + 1 + np.arange(int(missing.sum()))
+    return codes
+
+
+def group_split(labels: np.ndarray, groups: np.ndarray, holdout: float, seed: int = 0) -> np.ndarray:
+    """A boolean mask of the held-out rows: whole groups, `holdout` of the rows of each label as far
+    as groups allow. Groups are sorted into strata by their majority label (ties: memorized); within
+    each, a seeded shuffle of the groups is walked, and a group is held out when that brings the
+    held-out rows of the stratum closer to `holdout` of them (at least one group of each stratum
+    stays for the fit)."""
+    labels, groups = np.asarray(labels, dtype=float), np.asarray(groups)
+    frame = pd.DataFrame({"group": groups, "label": labels})
+    per_group = frame.groupby("group", sort=True)["label"].agg(["size", "mean"])
+    stratum = (per_group["mean"] >= 0.5).astype(int)
+    rng = np.random.default_rng(seed)
+    held: set[Any] = set()
+    for value in (0, 1):
+        members = per_group.index[stratum == value].to_numpy()
+        members = members[rng.permutation(len(members))]
+        sizes = per_group.loc[members, "size"].to_numpy()
+        target, taken, kept = holdout * sizes.sum(), 0, len(members)
+        for group, size in zip(members, sizes, strict=True):
+            if kept > 1 and abs(taken + size - target) < abs(taken - target):
+                held.add(group)
+                taken += size
+                kept -= 1
+    return frame["group"].isin(held).to_numpy()
 
 
 def fit_weights(norm: np.ndarray, alignment: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -373,42 +533,122 @@ class Calibration:
     fpr: float
     tpr: float | None
     holdout: dict[str, Any] | None = None
+    groups: str | None = None  # what the guarantee counts over: None (prompts), "auto" or the group column
+    n_clean_groups: int | None = None
+    group_fpr: float | None = None  # share of clean groups with a member above the threshold
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()
+                if v is not None and v != ()}
 
 
-def _rates(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, Any]:
+def _rates(scores: np.ndarray, labels: np.ndarray, threshold: float, groups: np.ndarray | None = None
+           ) -> dict[str, Any]:
+    """Prompt-level FPR and TPR at `threshold`; with groups also the share of clean groups with a
+    member above it (`group_fpr`) and their number."""
     flagged = scores > np.float32(threshold)
     clean, memorized = labels == 0, labels == 1
-    return {
+    rates = {
         "n_memorized": int(memorized.sum()), "n_clean": int(clean.sum()),
         "fpr": float(flagged[clean].mean()) if clean.any() else None,
         "tpr": float(flagged[memorized].mean()) if memorized.any() else None,
     }
+    if groups is not None:
+        per_group = pd.Series(flagged[clean]).groupby(np.asarray(groups)[clean]).any()
+        rates["n_clean_groups"] = int(per_group.size)
+        rates["group_fpr"] = float(per_group.mean()) if per_group.size else None
+    return rates
+
+
+# A warning when flagged clean prompts cluster in one caption family: on a side (fit or holdout) with
+# at least CLUSTER_MIN clean prompts above the threshold, more than half of them come from one group
+# whose share of those false positives is at least CLUSTER_RATIO times its share of the clean prompts.
+CLUSTER_MIN = 3
+CLUSTER_RATIO = 5.0
+# Without groups, caption families are looked for (to warn) only in calibrations of at most this many
+# rows: finding them costs up to seconds per 10,000 captions of a small vocabulary, growing as n^2.
+DIAGNOSE_MAX = 20_000
+
+
+def false_positive_cluster(
+    scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, threshold: float,
+    prompts: Sequence[Any] | None = None,
+) -> str | None:
+    """A sentence when the clean prompts above `threshold` cluster in one group (see CLUSTER_MIN), else None."""
+    clean = labels == 0
+    above = clean & (scores > np.float32(threshold))
+    count = int(above.sum())
+    if count < CLUSTER_MIN:
+        return None
+    groups = np.asarray(groups)
+    counts = pd.Series(groups[above]).value_counts(sort=True)
+    top, top_count = counts.index[0], int(counts.iloc[0])
+    clean_share = float((groups[clean] == top).sum() / clean.sum())
+    if top_count * 2 <= count or top_count / count < CLUSTER_RATIO * clean_share:
+        return None
+    example = ""
+    if prompts is not None:
+        first = np.flatnonzero(above & (groups == top))[0]
+        example = f", e.g. {str(prompts[first])!r}"
+    return (f"{top_count} of the {count} clean prompts above the threshold come from one caption family "
+            f"({int((groups[clean] == top).sum())} clean prompts, {clean_share:.1%} of them{example})")
 
 
 def calibrate(
     frame: pd.DataFrame, *, target_fpr: float = 0.01, confidence: float = 0.9, fit: bool = True,
     weights: tuple[float, float] | None = None, holdout: float = 0.0, seed: int = 0,
+    group_column: str | None = None, auto_groups: bool = False,
 ) -> Calibration:
     """Weights (from (norm, alignment) when `fit`, else `weights`, else the scores as they are) and
-    the clean-prompt threshold at `target_fpr`; `holdout` keeps a stratified share aside to measure."""
+    the clean-prompt threshold at `target_fpr`; `holdout` keeps a stratified share aside to measure.
+
+    With groups (`group_column` of `frame`, or `auto_groups`: caption families of the prompt text),
+    the guarantee counts clean groups, not prompts, and the holdout keeps whole groups on one side
+    (see clean_threshold, group_split). Without, the clean prompts above the threshold are still
+    checked for one dominant caption family (a warning), when the prompt text is there."""
+    if group_column is not None and auto_groups:
+        raise UsageError("give --group-column or --groups auto, not both")
     rows = usable(frame, "score")
     has_terms = {"norm", "alignment"} <= set(rows.columns)
     if fit and not has_terms:
         raise InputError("fitting weights needs `norm` and `alignment` columns (anisotropy scores); use --no-fit")
-    test = rows.iloc[0:0]
+    texts = rows["prompt"].to_numpy(dtype=object) if "prompt" in rows else None
+    has_text = texts is not None and pd.notna(texts).any()
+    grouped = group_column is not None or auto_groups
+    if auto_groups and not has_text:
+        raise InputError("--groups auto needs the prompt text, and the scores have none (--no-store-prompt?); "
+                         "pass --labels with the prompts, or --group-column")
+    if group_column is not None:
+        if group_column not in rows:
+            raise InputError(f"no group column {group_column!r}; available: {', '.join(map(str, frame.columns))}")
+        groups = _group_ids(rows[group_column])
+    elif auto_groups:
+        groups = caption_groups(texts)
+    else:
+        groups = np.arange(len(rows))  # each prompt its own group: the guarantee as it always was
+    fit_index, test_index = np.arange(len(rows)), np.arange(0)
     if holdout:
         if not 0 < holdout < 1:
             raise UsageError(f"--holdout must be in (0, 1), got {holdout}")
-        from sklearn.model_selection import train_test_split
+        if grouped:
+            held_out = group_split(rows["label"].to_numpy(), groups, holdout, seed)
+            fit_index, test_index = np.flatnonzero(~held_out), np.flatnonzero(held_out)
+        else:
+            from sklearn.model_selection import train_test_split
 
-        try:
-            rows, test = train_test_split(rows, test_size=holdout, random_state=seed, stratify=rows["label"])
-        except ValueError as exc:
-            raise InputError(f"cannot hold out {holdout:g} of the labelled prompts: {exc}") from None
+            try:
+                fit_index, test_index = train_test_split(fit_index, test_size=holdout, random_state=seed,
+                                                         stratify=rows["label"])
+            except ValueError as exc:
+                raise InputError(f"cannot hold out {holdout:g} of the labelled prompts: {exc}") from None
+    test, rows = rows.iloc[test_index], rows.iloc[fit_index]
+    test_groups, groups = groups[test_index], groups[fit_index]
+    test_texts, texts = (None, None) if texts is None else (texts[test_index], texts[fit_index])
     labels = rows["label"].to_numpy()
+    if grouped and holdout and not ((labels == 0).any() and (labels == 1).any()):
+        raise InputError(f"cannot hold out {holdout:g} of the labelled prompts by group: the fit side would lack "
+                         "memorized or clean prompts (too few groups)")
     if fit:
         weights = fit_weights(rows["norm"].to_numpy(), rows["alignment"].to_numpy(), labels)
 
@@ -418,15 +658,37 @@ def calibrate(
         return combined(part["norm"], part["alignment"], *weights)
 
     scores = score(rows)
-    threshold, guaranteed = clean_threshold(scores[labels == 0], target_fpr, confidence, others=scores[labels == 1])
-    measured = _rates(scores, labels, threshold)
-    held = _rates(score(test), test["label"].to_numpy(), threshold) if len(test) else None
+    clean = labels == 0
+    threshold, guaranteed = clean_threshold(scores[clean], target_fpr, confidence, others=scores[~clean],
+                                            groups=groups[clean] if grouped else None)
+    measured = _rates(scores, labels, threshold, groups if grouped else None)
+    test_scores = score(test)
+    held = _rates(test_scores, test["label"].to_numpy(), threshold, test_groups if grouped else None) if len(test) \
+        else None
+    sides = {"calibration": (scores, labels, groups, texts),
+             "holdout": (test_scores, test["label"].to_numpy(), test_groups, test_texts)}
+    if not grouped and has_text and len(frame) <= DIAGNOSE_MAX and any(
+        ((side[1] == 0) & (side[0] > np.float32(threshold))).sum() >= CLUSTER_MIN for side in sides.values()
+    ):  # enough clean prompts above the threshold to ask whether they are one caption family
+        found = caption_groups(np.r_[texts, test_texts])
+        sides["calibration"] = (scores, labels, found[: len(rows)], texts)
+        sides["holdout"] = (*sides["holdout"][:2], found[len(rows):], test_texts)
+    warnings = []
+    for side, (side_scores, side_labels, side_groups, side_texts) in sides.items():
+        cluster = false_positive_cluster(side_scores, side_labels, side_groups, threshold, side_texts)
+        if cluster:
+            advice = ("; the guarantee counts that family once" if grouped else
+                      "; families are not exchangeable prompts: calibrate with --group-column or --groups auto")
+            warnings.append(f"{side} side: {cluster}{advice}")
     w_norm, w_align = weights if weights is not None and has_terms else (None, None)
     return Calibration(
         threshold=threshold, target_fpr=target_fpr, confidence=confidence, guaranteed=guaranteed, w_norm=w_norm,
         w_align=w_align, fitted=fit,
         n_memorized=measured["n_memorized"], n_clean=measured["n_clean"], fpr=measured["fpr"],
         tpr=measured["tpr"], holdout=held,
+        groups=("auto" if auto_groups else group_column) if grouped else None,
+        n_clean_groups=measured.get("n_clean_groups"), group_fpr=measured.get("group_fpr"),
+        warnings=tuple(warnings),
     )
 
 
@@ -458,7 +720,8 @@ def calibrated_profile(
     base: ModelProfile, result: Calibration, name: str, facts: dict[str, Any], *, origin: str = "",
 ) -> ModelProfile:
     """`base` with the fitted weights and threshold, and a `calibration` table saying how they were made."""
-    measured = {k: v for k, v in result.to_dict().items() if k not in ("holdout", "w_norm", "w_align", "threshold")}
+    measured = {k: v for k, v in result.to_dict().items()
+                if k not in ("holdout", "w_norm", "w_align", "threshold", "warnings")}
     record: dict[str, Any] = {
         "method": facts.get("method", "anisotropy"), "n_noise": facts.get("n_noise"), "seed": facts.get("seed"),
         "dtype": facts.get("dtype"), **measured,
@@ -533,21 +796,31 @@ def write_profile(profile: ModelProfile, path: Path) -> Path:
 def calibrate_scores(
     scores_path: Path, output: Path, *, labels_path: Path | None = None, model: str | None = None,
     target_fpr: float = 0.01, confidence: float = 0.9, fit: bool = True, holdout: float = 0.0, seed: int = 0,
-    label_column: str = LABEL_COLUMN, if_exists: str = "fail",
+    label_column: str = LABEL_COLUMN, if_exists: str = "fail", group_column: str | None = None,
+    auto_groups: bool = False,
 ) -> tuple[ModelProfile, Calibration]:
     """`memscan calibrate`: fit on a labelled scores file and write the calibrated profile (never over
-    an input; over an existing file only with `if_exists="overwrite"`)."""
+    an input; over an existing file only with `if_exists="overwrite"`). `group_column` (of the labels
+    file, else the scores file) or `auto_groups`: see `calibrate`."""
     from memscan.outputs import check_output
 
+    if group_column is not None and auto_groups:
+        raise UsageError("give --group-column or --groups auto, not both")
     check_output(output, inputs=[p for p in (scores_path, labels_path) if p is not None], if_exists=if_exists,
                  what="profile")
-    frame, facts = load_labelled(scores_path, labels_path, label_column=label_column)
+    frame, facts = load_labelled(scores_path, labels_path, label_column=label_column,
+                                 extra_columns=[group_column] if group_column else [])
+    if auto_groups and labels_path is not None and ("prompt" not in frame or frame["prompt"].isna().all()):
+        labels = read_labels(Path(labels_path), label_column=label_column)  # scores without text: the labels'
+        frame = frame.assign(prompt=frame["prompt_id"].astype(str).map(
+            labels.drop_duplicates("prompt_id").set_index("prompt_id")["prompt"]).to_numpy())
     weights = None
     if not fit and facts.get("w_norm") is not None and facts.get("method") == "anisotropy":
         weights = (float(facts["w_norm"]), float(facts["w_align"]))
     fit = fit and facts.get("method", "anisotropy") == "anisotropy"
     result = calibrate(
-        frame, target_fpr=target_fpr, confidence=confidence, fit=fit, weights=weights, holdout=holdout, seed=seed
+        frame, target_fpr=target_fpr, confidence=confidence, fit=fit, weights=weights, holdout=holdout, seed=seed,
+        group_column=group_column, auto_groups=auto_groups,
     )
     profile = calibrated_profile(base_profile(facts, model), result, Path(output).stem, facts,
                                  origin=Path(scores_path).name)

@@ -401,3 +401,202 @@ def test_calibrate_on_the_demo_model_holds_on_held_out_prompts(tmp_path: Path) -
     flagged = detect(prompts, None, DetectSettings(model=str(tmp_path / "demo-cal.toml"), device="cpu")).scores
     clean = pd.read_csv(prompts)["label"].eq("not_memorized").to_numpy()
     assert flagged["flagged"].notna().all() and flagged["flagged"].to_numpy(bool)[clean].mean() <= 0.01
+
+
+# ------------------------------------------------------------------------------------ caption families
+
+
+def test_caption_groups_find_families_and_keep_unrelated_captions_apart() -> None:
+    from memscan.evaluate import caption_groups
+
+    prompts = [
+        "a red sailboat on the rocks at night",          # 0: family A (one word differs: Jaccard 7/9)
+        "a photo of a cat",                              # 1
+        "framed canvas print of the majestic tiger, a small orange square",  # 2: family B
+        "a blue sailboat on the rocks at night",         # 3: A
+        "portrait 12 of a smiling woman.",               # 4: family C (same caption without digits/punctuation)
+        "premium canvas print of the majestic tiger, a small orange square",  # 5: B
+        "a photo of a dog",                              # 6: 3/5 = 0.6 < 0.7: its own
+        "Portrait 7 of a smiling woman",                 # 7: C
+        "the misty village of hilltop",                  # 8
+        "the misty village of elmstead",                 # 9: 4/6 < 0.7: its own
+        "A GREEN SAILBOAT ON THE ROCKS AT NIGHT!",       # 10: A
+        "",                                              # 11
+    ]
+    np.testing.assert_array_equal(caption_groups(prompts), [0, 1, 2, 0, 3, 2, 4, 3, 5, 6, 0, 7])
+    np.testing.assert_array_equal(caption_groups(list(reversed(prompts)))[::-1] == 0, [False] * 11 + [True])
+    assert len(set(caption_groups(prompts, jaccard=0.5))) < 8  # a looser rule joins more
+
+
+def test_caption_groups_match_brute_force_single_linkage() -> None:
+    """Prefix filtering finds every pair: the same families as comparing all pairs, on captions of a
+    small vocabulary (many near pairs, long chains)."""
+    from memscan.evaluate import caption_groups, caption_words
+
+    rng = np.random.default_rng(3)
+    vocabulary = ["a", "the", "of", "red", "blue", "boat", "rocks", "night", "sky", "cat", "at", "on", "big"]
+    prompts = [" ".join(rng.choice(vocabulary, rng.integers(1, 9))) for _ in range(300)]
+    words = [set(caption_words(p)) for p in prompts]
+    parent = list(range(len(prompts)))
+
+    def root(i: int) -> int:
+        return i if parent[i] == i else root(parent[i])
+
+    for i in range(len(prompts)):
+        for j in range(i):
+            if len(words[i] & words[j]) >= 0.7 * len(words[i] | words[j]) - 1e-9:
+                parent[root(i)] = root(j)
+    expected = pd.factorize(pd.Series([root(i) for i in range(len(prompts))]))[0]
+    np.testing.assert_array_equal(caption_groups(prompts), expected)
+    assert 5 < len(set(expected)) < 250  # neither all apart nor all one
+
+
+def _families(seed: int, n_families: int, size: int, spread: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Clean scores in families: one family effect N(0, 1) shared by `size` members, small noise each."""
+    rng = np.random.default_rng(seed)
+    effect = rng.normal(size=n_families)
+    scores = np.repeat(effect, size) + rng.normal(0, spread, n_families * size)
+    return scores, np.repeat(np.arange(n_families), size)
+
+
+def test_the_group_guarantee_holds_where_the_prompt_level_one_overstates() -> None:
+    """250 caption families of 20 near-identical prompts: counted as 5000 exchangeable prompts, the
+    binomial guarantee (FPR <= 1% on new prompts with confidence 0.9) fails in a third of the
+    calibration draws, not 10%; counted over families, at most 1% of new families have a member
+    above the threshold in at least 90% of draws, as stated."""
+    fresh, fresh_groups = _families(10_000, 20_000, 20)
+    fresh_max = pd.Series(fresh).groupby(fresh_groups).max().to_numpy()
+    prompt_level = group_level = 0
+    draws = 150
+    for seed in range(draws):
+        scores, groups = _families(seed, 250, 20)
+        by_prompt, _ = clean_threshold(scores, 0.01, 0.9)
+        by_group, guaranteed = clean_threshold(scores, 0.01, 0.9, groups=groups)
+        assert guaranteed and by_group >= by_prompt
+        assert (pd.Series(scores > by_group).groupby(groups).any()).mean() <= 0.01  # on the calibration draw
+        prompt_level += (fresh > by_prompt).mean() > 0.01  # new prompts, from new families
+        group_level += (fresh_max > by_group).mean() > 0.01  # new families with a member above
+    assert prompt_level / draws > 0.25, prompt_level  # 50 of 150 draws
+    assert group_level / draws <= 0.1, group_level  # 10 of 150
+
+
+def test_group_split_keeps_groups_whole_and_stratifies_as_far_as_groups_allow() -> None:
+    from memscan.evaluate import group_split
+
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 6, 400)
+    groups = np.repeat(np.arange(400), sizes)
+    labels = np.repeat((np.arange(400) < 60).astype(float), sizes)  # the first 60 groups memorized
+    for seed in range(5):
+        held = group_split(labels, groups, 0.3, seed)
+        assert (pd.Series(held).groupby(groups).nunique() == 1).all()  # no group on both sides
+        for value in (0, 1):
+            share = held[labels == value].mean()
+            assert abs(share - 0.3) < 0.02, (value, share)
+    np.testing.assert_array_equal(group_split(labels, groups, 0.3, 1), group_split(labels, groups, 0.3, 1))
+    assert not np.array_equal(group_split(labels, groups, 0.3, 1), group_split(labels, groups, 0.3, 2))
+
+
+SYLLABLES = ["ka", "lo", "mi", "nu", "re", "so", "ti", "va", "be", "du", "fe", "go", "hi", "ju"]
+
+
+def _family_scores(seed: int = 0, *, n_single: int = 2000, n_rocks: int = 30, rocks: tuple[float, float] = (2.3, 0.15),
+                   n_mem: int = 60) -> pd.DataFrame:
+    """Labelled scores: `n_single` unrelated clean captions ~ N(0, 1), one clean caption family
+    "a WORD on the rocks at night" above most of them, and memorized prompts far above all."""
+    import itertools
+
+    rng = np.random.default_rng(seed)
+    words = rng.permutation(["".join(p) for p in itertools.product(SYLLABLES, repeat=3)])
+    rows = [(" ".join(rng.choice(words[:-300], 5, replace=False)) + f" scene {i}", f"s{i}", rng.normal(), 0)
+            for i in range(n_single)]
+    rows += [(f"a {words[-1 - i]} on the rocks at night", "rocks", rng.normal(*rocks), 0) for i in range(n_rocks)]
+    rows += [(f"the {words[-100 - i]} of {words[-200 - i]}", f"m{i}", rng.normal(5, 0.5), 1) for i in range(n_mem)]
+    frame = pd.DataFrame(rows, columns=["prompt", "family", "score", "label"])
+    return frame.assign(score=frame["score"].astype(np.float32), label=frame["label"].astype(float), status="ok")
+
+
+def test_calibrate_with_groups_reports_prompt_and_family_rates() -> None:
+    """The family above most others lands on the held-out side: by prompt its FPR runs over the
+    target (what a row split hides), by family it stays within; the warning names the family."""
+    frame = _family_scores()
+    rows = calibrate(frame, fit=False, holdout=0.5, seed=0)  # a row split: the family on both sides
+    assert rows.groups is None and rows.group_fpr is None and rows.holdout["fpr"] <= 0.01
+    grouped = calibrate(frame, fit=False, holdout=0.5, seed=0, group_column="family")
+    assert grouped.groups == "family" and grouped.guaranteed
+    assert grouped.n_clean_groups == grouped.n_clean == 1015  # every fit-side family is one prompt here
+    held = grouped.holdout
+    assert held["n_clean"] == 985 + 30 and held["n_clean_groups"] == 985 + 1  # the family whole, on this side
+    assert grouped.group_fpr <= 0.01 and held["group_fpr"] <= 0.01
+    assert held["fpr"] > 0.01  # 14 of 1015 prompts: 8 of them from the one family
+    (warning,) = grouped.warnings
+    assert warning.startswith("holdout side: 8 of the 14 clean prompts above the threshold come from one caption "
+                              "family")
+    assert "on the rocks at night" in warning
+    auto = calibrate(frame, fit=False, holdout=0.5, seed=0, auto_groups=True)  # the same families, found
+    assert auto.groups == "auto" and auto.threshold == grouped.threshold and auto.holdout == held
+    with pytest.raises(UsageError, match="not both"):
+        calibrate(frame, fit=False, group_column="family", auto_groups=True)
+
+
+def test_clustered_false_positives_warn_without_groups_too() -> None:
+    """No groups asked for: the guarantee counts prompts as before, but when most flagged clean
+    prompts come from one caption family (found from the text) the calibration says so."""
+    from memscan.evaluate import false_positive_cluster
+
+    frame = _family_scores(n_rocks=40, rocks=(3.0, 0.1))
+    result = calibrate(frame, fit=False)
+    assert result.groups is None and result.fpr <= 0.01
+    (warning,) = result.warnings
+    assert warning.startswith("calibration side: 14 of the 14 clean prompts above the threshold come from one caption "
+                              "family (40 clean prompts, 2.0% of them")
+    assert "--group-column or --groups auto" in warning
+    assert calibrate(_family_scores(), fit=False).warnings == ()  # spread over unrelated prompts: quiet
+    scores, labels = np.arange(30.0), np.zeros(30)  # 27, 28, 29 above 26.5
+    three = np.r_[np.arange(27), [27, 27, 27]]
+    assert false_positive_cluster(scores, labels, three, 26.5).startswith("3 of the 3 clean prompts above")
+    assert false_positive_cluster(scores, labels, np.r_[np.arange(28), [28, 28]], 26.5).startswith("2 of the 3")
+    assert false_positive_cluster(scores, labels, np.arange(30), 26.5) is None  # three families, one each
+    assert false_positive_cluster(scores, labels, np.arange(30) // 15, 26.5) is None  # all 3 from half the prompts
+    assert false_positive_cluster(scores, labels, three, 27.5) is None  # 2 above: too few to call a cluster
+
+
+def test_calibrate_command_with_a_group_column(tmp_path: Path) -> None:
+    """`calibrate --group-column` reads the families from the labels file, writes the group-level
+    numbers into the profile, and prints both rates and the cluster warning."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from memscan.cli import app
+    from memscan.io.scores import scores_schema, to_table, write_scores
+
+    frame = _family_scores()
+    frame["prompt_id"] = [f"p{i}" for i in range(len(frame))]
+    frame["norm"], frame["alignment"] = frame["score"], np.float32(0.0)
+    frame["flagged"], frame["truncated"], frame["error"] = None, False, None
+    facts = {"model": "sd-v1-4", "method": "anisotropy", "n_noise": 2, "seed": 7, "w_norm": 1.0, "w_align": 0.0}
+    scores = tmp_path / "scores.parquet"
+    write_scores(to_table(frame.drop(columns=["label", "family"]), scores_schema(("norm", "alignment", "score")),
+                          facts), scores)
+    labels = tmp_path / "labels.csv"
+    frame[["prompt_id", "prompt", "label", "family"]].to_csv(labels, index=False)
+    runner = CliRunner()
+    base = ["calibrate", str(scores), "--labels", str(labels), "--no-fit", "--holdout", "0.5", "--json"]
+    result = runner.invoke(app, [*base, "-o", str(tmp_path / "g.toml"), "--group-column", "family"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["groups"] == "family" and out["n_clean_groups"] == 1015 and out["group_fpr"] <= 0.01
+    assert out["holdout"]["n_clean_groups"] == 986 and out["holdout"]["group_fpr"] <= 0.01 < out["holdout"]["fpr"]
+    assert "caption families (family): 0.005 of 1015 clean families have a member above the threshold" in result.stderr
+    assert "memscan: warning: holdout side: 8 of the 14 clean prompts" in result.stderr
+    calibration = load_profile_file(tmp_path / "g.toml").calibration
+    assert calibration["groups"] == "family" and calibration["holdout_n_clean_groups"] == 986
+    assert (calibration["n_noise"], calibration["seed"]) == (2, 7)
+    auto = runner.invoke(app, [*base, "-o", str(tmp_path / "a.toml"), "--groups", "auto"])
+    assert auto.exit_code == 0, auto.output
+    assert json.loads(auto.stdout)["holdout"] == out["holdout"]
+    both = runner.invoke(app, [*base, "-o", str(tmp_path / "b.toml"), "--groups", "auto", "--group-column", "family"])
+    assert both.exit_code == 2 and "not both" in both.stderr
+    missing = runner.invoke(app, [*base, "-o", str(tmp_path / "c.toml"), "--group-column", "nope"])
+    assert missing.exit_code == 4 and "'nope'" in missing.stderr
