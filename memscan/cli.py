@@ -300,6 +300,7 @@ def detect(
     fail_on_flagged: Annotated[bool, typer.Option("--fail-on-flagged", help=f"Exit {EXIT_FLAGGED} when prompts are flagged.")] = False,
     previous: Annotated[Path | None, typer.Option("--previous", help="The last audit (scores file or run directory): the summary counts prompts newly flagged, no longer flagged, added, removed, unscored since (see `memscan diff`).")] = None,
     fail_on_new_flagged: Annotated[bool, typer.Option("--fail-on-new-flagged", help=f"Exit {EXIT_FLAGGED} only when a prompt is flagged that was not flagged in --previous.")] = False,
+    cache: Annotated[str | None, typer.Option("--cache", help="Score cache (a folder or fsspec URL, e.g. s3://bucket/memscan-cache/): prompts already scored under the same model and settings are read from it, new ones scored and added (see `memscan cache`).")] = None,
 ) -> None:
     """Score every prompt with the anisotropy memorization metric and write Parquet."""
     with cli_errors():
@@ -310,7 +311,7 @@ def detect(
             dtype=dtype, threshold=threshold, w_norm=w_norm, w_align=w_align, v_convention=v_convention,
             norm_scale=norm_scale,
             architecture=architecture, allow_pickle=allow_pickle, prompt_column=prompt_column,
-            id_column=id_column, store_prompt=store_prompt,
+            id_column=id_column, store_prompt=store_prompt, cache=cache,
         )
         output = output or str(_default_output(input_path))
         if output_kind(output) == "run":
@@ -353,13 +354,19 @@ def _detect_file(input_path: Path, output: Path, settings: Any, if_exists: str, 
     _say(
         f"{summary['rows']} rows, {summary['scored']} scored, {summary['skipped_empty']} empty, "
         f"{'no threshold' if flagged is None else f'{flagged} flagged'}, "
-        f"{summary['prompts_per_second']} prompts/s -> {summary['output']}{_since(summary)}"
+        f"{summary['prompts_per_second']} prompts/s -> {summary['output']}{_cached(summary)}{_since(summary)}"
     )
     if fail_on_flagged and flagged:
         raise FlaggedPromptsError(f"{flagged} prompts flagged")
     newly = (summary.get("changes") or {}).get("newly_flagged")
     if fail_on_new_flagged and newly:
         raise FlaggedPromptsError(f"{newly} prompts newly flagged since {previous}")
+
+
+def _cached(summary: dict[str, Any]) -> str:
+    """The closing line's tail with --cache: rows read from the score cache and rows scored."""
+    cache = summary.get("cache")
+    return "" if not cache else f"; cache: {cache['reused']} rows reused, {cache['scored']} scored"
 
 
 def _since(summary: dict[str, Any]) -> str:
@@ -382,7 +389,8 @@ def _report_run(summary: dict[str, Any], json_summary: bool) -> None:
     _say(
         f"{summary['done']}/{summary['shards']} shards done, {summary['failed']} failed, "
         f"{summary['rows_done']}/{summary['rows']} rows, {summary['failed_rows']} failed rows, "
-        f"{'no threshold' if flagged is None else f'{flagged} flagged'} -> {summary['run_dir']}{_since(summary)}"
+        f"{'no threshold' if flagged is None else f'{flagged} flagged'} -> {summary['run_dir']}{_cached(summary)}"
+        f"{_since(summary)}"
     )
 
 
@@ -854,6 +862,51 @@ def confirm_cmd(
              f"{s['metric']}), k {s['k']}, min_cluster {s['min_cluster']}; decision distance: memorized up to "
              f"{gap['memorized_max']}, not memorized from {gap['not_memorized_min']} -> {s['output']}"
              + (f", {s['contact_sheet']}" if s["contact_sheet"] else ""))
+
+
+cache_app = typer.Typer(
+    help="Inspect and compact a score cache (detect --cache).", no_args_is_help=True,
+    epilog="\b\nExamples:\n  memscan cache info scores-cache/\n  memscan cache compact s3://bucket/memscan-cache/",
+)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info", epilog="\b\nExample:\n  memscan cache info s3://bucket/memscan-cache/ --json")
+def cache_info(
+    path: Annotated[str, typer.Argument(metavar="CACHE", help="The cache folder or URL given to detect --cache.")],
+    json_summary: Annotated[bool, typer.Option("--json", help="Print the counts as JSON on stdout.")] = False,
+) -> None:
+    """Fingerprints (what each scores), rows, segments and bytes of a score cache."""
+    with cli_errors():
+        from memscan.cache import ScoreCache
+
+        info = ScoreCache(path).info()
+        if json_summary:
+            typer.echo(json.dumps(info, indent=2))
+            return
+        for entry in info["fingerprints"]:
+            typer.echo(f"{entry['fingerprint']}  {entry['rows']} rows in {entry['segments']} segments, "
+                       f"{entry['bytes']} bytes: model {entry['model']}, {entry['method']}, n_noise {entry['n_noise']}, "
+                       f"seed {entry['seed']}, {entry['dtype']}")
+        typer.echo(f"{info['cache']}: {len(info['fingerprints'])} fingerprints, {info['rows']} rows, "
+                   f"{info['segments']} segments, {info['bytes']} bytes")
+
+
+@cache_app.command("compact", epilog="\b\nExample:\n  memscan cache compact s3://bucket/memscan-cache/")
+def cache_compact(
+    path: Annotated[str, typer.Argument(metavar="CACHE", help="The cache folder or URL given to detect --cache.")],
+    json_summary: Annotated[bool, typer.Option("--json", help="Print the counts as JSON on stdout.")] = False,
+) -> None:
+    """Merge each fingerprint's segments into one (safe while runs append to the cache)."""
+    with cli_errors():
+        from memscan.cache import ScoreCache
+
+        result = ScoreCache(path).compact()
+        if json_summary:
+            typer.echo(json.dumps(result, indent=2))
+        _say(f"{result['cache']}: {result['segments_before']} segments -> {result['segments_after']}, "
+             f"{result['rows_before']} rows -> {result['rows_after']}, "
+             f"{result['bytes_before']} bytes -> {result['bytes_after']}")
 
 
 def main() -> None:

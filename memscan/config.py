@@ -74,6 +74,7 @@ class DetectSettings:
     compile: bool = False  # torch.compile the UNet (static shapes, last batch padded)
     prefetch: bool | None = None  # encode the next batch's text during this batch's UNet; None: on CUDA only
     channels_last: bool | None = None  # UNet weights in channels_last; None: on CUDA only
+    cache: str | None = None  # score cache path or URL (memscan.cache): reuses numbers, never changes them
     from_profile: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -114,7 +115,7 @@ class DetectSettings:
 
 
 # settings that do not change any number in the output (beyond float rounding)
-NOT_FINGERPRINTED = ("batch_size", "device", "compile", "prefetch", "channels_last")
+NOT_FINGERPRINTED = ("batch_size", "device", "compile", "prefetch", "channels_last", "cache")
 _NOT_FINGERPRINTED = set(NOT_FINGERPRINTED)
 
 

@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 
 from memscan import __version__
+from memscan.cache import ScoreCache, open_cache
 from memscan.config import DetectSettings, fingerprint
-from memscan.errors import InputError
+from memscan.errors import InputError, MemscanError, OutputError
 from memscan.io.readers import PromptSource
 from memscan.io.scores import (
     STATUS_OK,
@@ -180,6 +181,7 @@ def detect(
         from memscan.diff import read_previous
 
         prior = read_previous(previous, output_path)
+    cache = open_cache(settings.cache)  # reachable (and writable, when local) before the model loads
     started = time.perf_counter()
     if progress is not None:
         name = settings.model if model is None else model.profile.name
@@ -194,10 +196,13 @@ def detect(
         if progress is not None and model is None:
             dtype = str(scorer.model.dtype).removeprefix("torch.")
             progress.model_loaded(detail=f"{scorer.model.device}, {dtype}")
+        if cache is not None:
+            cache.bind(scorer).load()  # a corrupt segment stops the run here, before any scoring
         scores = scorer.score_frame(frame, progress=None if progress is None else progress.advance)
     except BaseException:
         if progress is not None:
             progress.close(final=False)
+        _keep_scored(cache)
         raise
     if progress is not None:
         progress.close()
@@ -209,11 +214,37 @@ def detect(
     if output_path is not None:
         schema = scores_schema(scorer.method.columns, store_prompt=settings.store_prompt)
         write_scores(to_table(scores, schema, facts), output_path)
+    cache_summary = _flush_cache(cache, scores, output_path)
     summary = {**summarize(scores, seconds=seconds, top=top, seconds_load=seconds_load),
                "output": str(output_path) if output_path else None,
-               "model": facts["model"], "method": facts["method"], "threshold": scorer.threshold}
+               "model": facts["model"], "method": facts["method"], "threshold": scorer.threshold,
+               "cache": cache_summary}
     if prior is not None:
         from memscan.diff import ScoreSet, changes_since
 
         summary["changes"] = changes_since(prior, ScoreSet(scores, facts, str(output_path or input_path)))
     return DetectResult(scores=scores, summary=summary, output=output_path)
+
+
+def _flush_cache(cache: ScoreCache | None, scores: pd.DataFrame, output: Path | None) -> dict[str, Any] | None:
+    """Write the run's new scores to the cache (after the output: a cache failure loses no result);
+    the summary's `cache` entry."""
+    if cache is None:
+        return None
+    try:
+        segment = cache.flush()
+    except MemscanError as exc:
+        raise OutputError(f"{exc} (the scores were written to {output})" if output else str(exc)) from None
+    counts = scores.attrs.get("cache", {"reused": 0, "scored": 0})
+    return {"path": cache.url, "fingerprint": cache.fingerprint, "reused": counts["reused"],
+            "scored": counts["scored"], "segment": segment}
+
+
+def _keep_scored(cache: ScoreCache | None) -> None:
+    """An interrupted or failed run still stores the scores it finished (best effort)."""
+    if cache is None or cache.fingerprint is None:
+        return
+    try:
+        cache.flush()
+    except Exception as exc:  # noqa: BLE001 - the run's own error is the one to report
+        log.warning("could not store the finished scores in the cache: %s", exc)

@@ -13,7 +13,7 @@ import copy
 import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -42,6 +42,7 @@ class ScoredTexts:
     status: np.ndarray
     error: np.ndarray
     unique: int
+    reused: np.ndarray | None = None  # read from the score cache (memscan.cache), per prompt
 
 
 @dataclass
@@ -51,6 +52,7 @@ class _Unique:
     values: dict[str, list[float]]
     status: list[str]
     error: list[str | None]
+    reused: list[bool] = field(default_factory=list)
 
 
 class Scorer:
@@ -84,6 +86,7 @@ class Scorer:
         self._state: Any = None
         self._prefetcher: TextPrefetcher | None = None
         self._tokenizer_copy: Any = None  # the tokenizer thread's own (see memscan.models.text.tokenize)
+        self.cache: Any = None  # a bound memscan.cache.ScoreCache: rows it holds are read, not scored
         self.prefetch = on_cuda_by_default(prefetch, model.device)
         if channels_last is not None or model.device.type == "cuda":
             set_channels_last(model.unet, on_cuda_by_default(channels_last, model.device))
@@ -145,6 +148,7 @@ class Scorer:
             status=np.asarray(unique.status, dtype=object)[index],
             error=np.asarray(unique.error, dtype=object)[index],
             unique=len(slots),
+            reused=np.asarray(unique.reused, dtype=bool)[index],
         )
 
     def _token_chunks(
@@ -171,19 +175,59 @@ class Scorer:
         self, tokens: TokenizedPrompts, slots: dict[bytes, int], unique: _Unique, gather: list[int],
         truncated: list[bool], progress: Callable[[int], None] | None,
     ) -> None:
-        """Score the prompts of one tokenized chunk not seen before; note where each one's results are."""
-        new_rows: list[int] = []
-        for i, row in enumerate(tokens.input_ids.numpy().astype(np.int32)):
-            key = hashlib.blake2b(row.tobytes(), digest_size=16).digest()
-            if key not in slots:
-                slots[key] = len(slots)
-                new_rows.append(i)
-            gather.append(slots[key])
-        truncated += tokens.truncated
+        """Score the prompts of one tokenized chunk not seen before (the cache's rows are read, not
+        scored); note where each one's results are."""
+        keys = [hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+                for row in tokens.input_ids.numpy().astype(np.int32)]  # = memscan.cache.token_key
+        first: dict[bytes, int] = {}
+        for i, key in enumerate(keys):
+            if key not in slots and key not in first:
+                first[key] = i
+        new_rows = list(first.values())
+        read = 0
+        if self.cache is not None and new_rows:
+            misses = self._read_cached([keys[i] for i in new_rows], new_rows, slots, unique, progress)
+            read, new_rows = len(new_rows) - len(misses), misses
+        for i in new_rows:
+            slots[keys[i]] = len(slots)
+        start = len(unique.status)
         self._score_rows(tokens, new_rows, unique, progress)
-        duplicates = len(tokens.truncated) - len(new_rows)
+        unique.reused += [False] * len(new_rows)
+        if self.cache is not None and new_rows:
+            self._stage_scored(unique, start, [keys[i] for i in new_rows])
+        gather += [slots[key] for key in keys]
+        truncated += tokens.truncated
+        duplicates = len(tokens.truncated) - len(new_rows) - read
         if progress is not None and duplicates:
             progress(duplicates)
+
+    def _read_cached(
+        self, keys: list[bytes], rows: list[int], slots: dict[bytes, int], unique: _Unique,
+        progress: Callable[[int], None] | None,
+    ) -> list[int]:
+        """Take the cache's rows for `rows` (with their `keys`) into `unique`; return the rows it misses."""
+        found = self.cache.lookup(keys)
+        hit = found["hit"].to_numpy()
+        for key, is_hit in zip(keys, hit, strict=True):
+            if is_hit:
+                slots[key] = len(slots)
+        for name in self.method.columns:
+            unique.values[name].extend(found[name].to_numpy()[hit].tolist())
+        count = int(hit.sum())
+        unique.status.extend([STATUS_OK] * count)
+        unique.error.extend([None] * count)
+        unique.reused.extend([True] * count)
+        if progress is not None and count:
+            progress(count)
+        return [row for row, is_hit in zip(rows, hit, strict=True) if not is_hit]
+
+    def _stage_scored(self, unique: _Unique, start: int, keys: list[bytes]) -> None:
+        """Hand the cache the rows just scored (from `start` in `unique`) that are ok and finite."""
+        values = {name: np.asarray(unique.values[name][start:], dtype=np.float32) for name in self.method.columns}
+        good = (np.asarray(unique.status[start:], dtype=object) == STATUS_OK) & np.isfinite(values["score"])
+        self.cache.scored(len(keys))
+        self.cache.stage([key for key, ok in zip(keys, good, strict=True) if ok],
+                         {name: column[good] for name, column in values.items()})
 
     def _score_rows(
         self, tokens: TokenizedPrompts, rows: list[int], out: _Unique, progress: Callable[[int], None] | None = None
@@ -287,6 +331,9 @@ class Scorer:
             flagged = pd.array(out["score"].to_numpy() > self.threshold, dtype="boolean")
             flagged[status != STATUS_OK] = pd.NA
         out["flagged"] = flagged
+        if self.cache is not None:  # rows read from the cache, rows scored (duplicates of a scored prompt too)
+            reused = int(scored.reused.sum()) if scored.reused is not None else 0
+            out.attrs["cache"] = {"reused": reused, "scored": int(ok.sum()) - reused}
         return out
 
 

@@ -87,6 +87,9 @@ def run_detect(
         from memscan.diff import read_previous
 
         prior = read_previous(previous, out_dir, run_directory=True)
+    from memscan.cache import open_cache
+
+    open_cache(settings.cache)  # reachable (and writable, when local) before any worker loads a model
     outcome = run_job(
         input_spec, out_dir, DetectJob(settings), options, executor=executor, workers=workers, gpus=gpus,
         fail_on_flagged=fail_on_flagged, log_interval=log_interval, interactive=interactive,

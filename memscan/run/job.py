@@ -145,7 +145,7 @@ class DetectJob:
         self, scorer: Scorer, frame: pd.DataFrame, progress: RowsCallback | None = None
     ) -> tuple[pd.DataFrame, dict[str, Any]]:
         scores = scorer.score_frame(frame, progress=progress)
-        return scores, score_counts(scores)
+        return scores, {**score_counts(scores), **cache_counts(scores)}
 
     def redo_failed(
         self, scorer: Scorer, frame: pd.DataFrame, old: pd.DataFrame, progress: RowsCallback | None = None
@@ -163,7 +163,7 @@ class DetectJob:
             merged[name] = merged[name].astype(np.float32)
         merged["truncated"] = merged["truncated"].astype(bool)
         merged["flagged"] = merged["flagged"].astype("boolean")
-        return merged, score_counts(merged)
+        return merged, {**score_counts(merged), **cache_counts(fresh)}
 
 
 def _plan_inputs(
@@ -280,6 +280,12 @@ class ShardWorker:
         started = time.perf_counter()
         load = getattr(self.job, "load_model", None)  # a job that needs more than scoring does (confirm: the VAE)
         self.scorer = build_scorer(self.settings, load() if load is not None else None)
+        self.cache = None
+        if getattr(self.settings, "cache", None):  # this worker's view of the score cache, read once
+            from memscan.cache import ScoreCache
+
+            self.cache = ScoreCache(self.settings.cache).bind(self.scorer)
+            self.cache.load()
         self.load_seconds = time.perf_counter() - started
         self.schema = self.job.schema(self.scorer)
         self.facts = {**self.job.facts(self.scorer), "memscan_version": __version__,
@@ -311,6 +317,8 @@ class ShardWorker:
                 rows, counts = self.job.redo_failed(self.scorer, frame, old, progress)
             else:
                 rows, counts = self.job.compute(self.scorer, frame, progress)
+            if self.cache is not None:  # its own new segment, before the shard's marker: a rerun reuses it
+                self.cache.flush()
             # rows: the input rows the shard covers (a job may write fewer, e.g. only flagged ones)
             stats = {**counts, "rows": shard.rows, **_timing(time.perf_counter() - started, self.name)}
             self.run.write_shard(shard, to_table(rows, self.schema, self.facts), stats)
@@ -347,6 +355,12 @@ def score_counts(scores: pd.DataFrame) -> dict[str, Any]:
     }
 
 
+def cache_counts(scores: pd.DataFrame) -> dict[str, int]:
+    """Rows read from the score cache and rows scored, when a cache was used (memscan.cache)."""
+    counts = scores.attrs.get("cache")
+    return {} if counts is None else {"cache_reused": counts["reused"], "cache_scored": counts["scored"]}
+
+
 def _timing(seconds: float, worker: str) -> dict[str, Any]:
     return {"seconds": round(seconds, 4), "finished": _now(), "finished_ts": time.time(), "worker": worker}
 
@@ -369,6 +383,9 @@ def summarize_run(run: RunDirectory, *, seconds: float | None = None) -> dict[st
     remaining = manifest["rows"] - done_rows
     # a job's own counts (manifest "counts") are added up too; its run-wide facts are copied
     extra = {key: _total(stats.values(), key) for key in manifest.get("counts", [])}
+    cached = [s for s in stats.values() if "cache_reused" in s]  # shards scored with --cache
+    cache = {"reused": _total(cached, "cache_reused"), "scored": _total(cached, "cache_scored"),
+             "shards": len(cached)} if cached else None
     return {
         "run_dir": str(run.root),
         "kind": manifest.get("kind", "detect"),
@@ -388,6 +405,7 @@ def summarize_run(run: RunDirectory, *, seconds: float | None = None) -> dict[st
         "complete": len(stats) == len(shards),
         "failed_shards": {str(k): v["error"] for k, v in failures.items()},
         "seconds": round(seconds, 3) if seconds is not None else None,
+        "cache": cache,
         **manifest.get("facts", {}),
         **extra,
     }
