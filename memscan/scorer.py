@@ -87,20 +87,22 @@ class Scorer:
         self._prefetcher: TextPrefetcher | None = None
         self._tokenizer_copy: Any = None  # the tokenizer thread's own (see memscan.models.text.tokenize)
         self.cache: Any = None  # a bound memscan.cache.ScoreCache: rows it holds are read, not scored
+        self.pad_batches = False  # the `auto` probe scores unpadded batches
         self.prefetch = on_cuda_by_default(prefetch, model.device)
         if channels_last is not None or model.device.type == "cuda":
             set_channels_last(model.unet, on_cuda_by_default(channels_last, model.device))
         self.batch_size = resolve_batch_size(batch_size, model.device, probe=self._probe_peak_bytes)
         if compile:
             compile_unet(model.unet)
-        # one static batch shape for a compiled UNet: the last batch is filled up, the filling dropped
+        # one static batch shape for a compiled UNet (the shared pass runs eagerly): the last
+        # batch is filled up, the filling dropped
         self.pad_batches = is_compiled(model.unet)
 
     @property
     def state(self) -> Any:
         """The method's prompt-independent state (the shared unconditional pass), made once."""
         if self._state is None:
-            with torch.inference_mode():
+            with torch.inference_mode(), eager_forward(self.model.unet):  # once: not worth compiling its shape
                 self._state = self.method.prepare(self.model, self.noise)
         return self._state
 

@@ -152,3 +152,28 @@ def test_detect_cli_compile_reaches_the_scorer(
     result = CliRunner().invoke(app, [*args, "--compile", "--if-exists", "overwrite"])
     assert result.exit_code == 0, result.output
     assert len(compiled) == 1 and type(compiled[0]).__name__ == "UNet2DConditionModel"
+
+
+def test_scorer_auto_probes_its_method_for_the_batch_size(
+    tiny_model: ScoringModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CUDA path of `auto` on a CPU stand-in: the Scorer scores real probe batches of 2 and 4
+    prompts (the CUDA peak-memory reading and the free memory are injected)."""
+    import memscan.scorer as scorer_module
+    from memscan.models import batching
+
+    probed: list[int] = []
+
+    def peak(device: torch.device, work):  # type: ignore[no-untyped-def]
+        rows = len(work()["score"])  # the method really runs
+        probed.append(rows)
+        return 1 * GiB + rows * 300 * MiB
+
+    def on_cuda(spec, device, *, probe):  # type: ignore[no-untyped-def]
+        return batching.resolve_batch_size(spec, torch.device("cuda"), probe=probe, free_bytes=lambda: 8 * GiB)
+
+    monkeypatch.setattr(scorer_module, "cuda_peak_bytes", peak)
+    monkeypatch.setattr(scorer_module, "resolve_batch_size", on_cuda)
+    scorer = Scorer(tiny_model, AnisotropyMethod(), batch_size="auto")
+    assert probed == [2, 4] and scorer.batch_size == 16  # (6.4 GiB - 1 GiB) / 300 MiB = 18.4 -> 16
+    assert scorer.score_texts(["a cat", "a dog"]).status.tolist() == ["ok", "ok"]

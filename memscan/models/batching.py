@@ -84,9 +84,13 @@ def padded_rows(rows: list[int], size: int) -> list[int]:
 
 
 def cuda_free_bytes(device: torch.device) -> int:
-    """Memory a new allocation can get: the driver's free memory plus PyTorch's cached, unused blocks."""
-    free, _total = torch.cuda.mem_get_info(device)
-    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    """Memory a new allocation can get: the driver's free memory plus PyTorch's cached, unused
+    blocks, within the process's cap (torch.cuda.set_per_process_memory_fraction) when one is set."""
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    available = free + torch.cuda.memory_reserved(device) - allocated
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _device: 1.0)(device)
+    return int(min(available, fraction * total - allocated))
 
 
 def resolve_batch_size(

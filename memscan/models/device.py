@@ -78,7 +78,7 @@ def is_compiled(unet: torch.nn.Module) -> bool:
 
 def compile_unet(unet: torch.nn.Module, *, mode: str | None = None, backend: str = "inductor") -> None:
     """`torch.compile` the UNet's forward in place, with static shapes (the Scorer pads its last
-    batch to the batch size, so a run compiles two shapes: the shared pass and the batch).
+    batch to the batch size and runs its one-off shared pass eagerly, so a run compiles one shape).
 
     Only the forward is compiled: forward hooks stay eager, and `uncompile_unet` undoes it."""
     if not is_compiled(unet):
