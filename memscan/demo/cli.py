@@ -79,6 +79,7 @@ def train_cmd(
     text_layers: Annotated[int | None, typer.Option("--text-layers", help="Text encoder layers.")] = None,
     vae_channels: Annotated[str | None, typer.Option("--vae-channels", help="VAE block_out_channels, e.g. 32,64,64.")] = None,
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny architecture (tests).")] = False,
+    design: Annotated[str, typer.Option("--design", help="demo (the demo model), or valid-v (the second test model: v-prediction, its own images and words; data/valid-v).")] = "demo",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")] = "cpu",
     threads: Annotated[int, typer.Option(help="torch CPU threads (same seed and threads give the same weights).")] = 1,
 ) -> None:
@@ -89,7 +90,7 @@ def train_cmd(
         from memscan.demo.train import demo_config, train_demo
 
         cfg = demo_config(
-            tiny=tiny, min_snr_gamma=min_snr_gamma, seed=seed, steps=steps, batch=batch, lr=lr,
+            tiny=tiny, min_snr_gamma=min_snr_gamma, design=design, seed=seed, steps=steps, batch=batch, lr=lr,
             vae_steps=vae_steps, memorized_share=memorized_share, caption_dropout=caption_dropout,
             phrasing_variety=phrasing_variety,
             pool_size=pool_size, unet_channels=_ints("--unet-channels", unet_channels), unet_heads=unet_heads,
@@ -124,12 +125,13 @@ def train_judge_cmd(
 def export_cmd(
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder for prompts.csv and train_images.npz.")] = Path("data/demo"),
     seed: Annotated[int, typer.Option(help="Data seed.")] = 0,
+    design: Annotated[str, typer.Option("--design", help="demo, or valid-v (the second test model).")] = "demo",
 ) -> None:
     """Write the labelled prompts (prompts.csv) and the memorized training images (train_images.npz)."""
     with _errors():
-        from memscan.demo.data import export_data
+        from memscan.demo.train import design_module
 
-        s = export_data(out_dir, seed)
+        s = design_module(design).export_data(out_dir, seed)
         _say(f"wrote {s['prompts_csv']} ({s['n_prompts']} prompts) and {s['train_images']} ({s['n_images']} images)")
 
 
@@ -142,12 +144,14 @@ def verify_cmd(
     gen_seed: Annotated[int, typer.Option("--gen-seed", help="Seed of the generations.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Write the per-prompt table (csv) and the generations (.npz next to it).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")] = "cpu",
+    design: Annotated[str, typer.Option("--design", help="The model's data design: demo, or valid-v (the second test model).")] = "demo",
 ) -> None:
     """Generate (DDIM 50, guidance 7.5) for the labelled prompts and report copying of training images."""
     with _errors():
         from memscan.demo.verify import verify_model
 
-        result = verify_model(model or _shipped_model(), seed=seed, prompts=prompts, n=n, gen_seed=gen_seed, out=out, device=device)
+        result = verify_model(model or _shipped_model(), seed=seed, prompts=prompts, n=n, gen_seed=gen_seed, out=out, device=device,
+                              design=design)
         typer.echo(json.dumps(result))
         if out:
             _say(f"per-prompt table -> {out}, generations -> {out.with_suffix('.npz')}")

@@ -40,6 +40,9 @@ class ArchConfig:
         return self.latent_size * 2 ** (len(self.vae_channels) - 1)
 
 
+# The valid-v test model (memscan.demo.valid): the demo's UNet and VAE, a deeper text encoder.
+VALID = ArchConfig(text_layers=3, text_heads=2)
+
 TINY = ArchConfig(unet_channels=(16, 32, 32), unet_heads=2, text_width=16, text_layers=1, text_heads=2,
                   vae_channels=(8, 16, 16), norm_groups=8)
 
@@ -82,18 +85,18 @@ def build_unet(arch: ArchConfig):
     )
 
 
-def scheduler_kwargs() -> dict:
-    """SD v1's noise schedule and DDIM settings, epsilon-prediction."""
+def scheduler_kwargs(prediction_type: str = "epsilon") -> dict:
+    """SD's noise schedule and DDIM settings (SD v1: epsilon; SD 2 ships the same with v_prediction)."""
     return dict(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
     )
 
 
-def build_scheduler():
+def build_scheduler(prediction_type: str = "epsilon"):
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(**scheduler_kwargs())
+    return DDIMScheduler(**scheduler_kwargs(prediction_type))
 
 
 def n_params(module) -> int:

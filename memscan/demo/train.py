@@ -1,5 +1,6 @@
 """Train the demo model: VAE first, then text encoder + UNet (DDPM, epsilon), saved as a
-diffusers `StableDiffusionPipeline` folder.
+diffusers `StableDiffusionPipeline` folder. `TrainConfig.design` switches the data world
+(`design="valid-v"`: memscan.demo.valid, the second test model, trained on v-prediction).
 
 One function, `train_demo`, does it all; `memscan demo train` wraps it. Same seed,
 same settings and the same thread count give the same weights.
@@ -18,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memscan.demo.data import DemoData, GenericPool, build_data
+from memscan.demo.data import DemoData
 from memscan.demo.models import (
     TINY,
+    VALID,
     ArchConfig,
     build_scheduler,
     build_text_encoder,
@@ -29,10 +31,31 @@ from memscan.demo.models import (
     n_params,
 )
 
+DESIGNS = ("demo", "valid-v")
+
+
+def design_module(design: str):
+    """The data module of a design: `memscan.demo.data` (the demo) or `memscan.demo.valid`
+    (valid-v, the second test model); each has build_data, GenericPool, fresh_renders,
+    export_data, load_prompts."""
+    if design == "demo":
+        from memscan.demo import data
+
+        return data
+    if design == "valid-v":
+        from memscan.demo import valid
+
+        return valid
+    from memscan.errors import UsageError
+
+    raise UsageError(f"unknown design {design!r} (one of {', '.join(DESIGNS)})")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
+    design: str = "demo"  # the data world (DESIGNS); "valid-v" is the second test model
+    prediction_type: str = "epsilon"  # what the UNet learns: epsilon, or v_prediction (SD 2's v)
     arch: ArchConfig = field(default_factory=ArchConfig)
     # VAE stage
     vae_steps: int = 800
@@ -149,6 +172,17 @@ def _min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float
     return torch.clamp(snr, max=gamma) / snr
 
 
+def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                    prediction_type: str) -> torch.Tensor:
+    """What the UNet learns to predict: the noise (epsilon), or SD 2's velocity
+    v = sqrt(abar_t) * noise - sqrt(1 - abar_t) * latents (v_prediction)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
 def train_demo(
     out: str | Path,
     cfg: TrainConfig = TrainConfig(),
@@ -169,12 +203,13 @@ def train_demo(
     work.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
     torch.manual_seed(cfg.seed)
-    data = data or build_data(cfg.seed)
+    world = design_module(cfg.design)
+    data = data or world.build_data(cfg.seed)
     tokenizer = _tokenizer()
     tokens = _TokenCache(tokenizer)
 
-    _log(f"rendering {cfg.pool_size} generic images")
-    pool = GenericPool(cfg.seed, cfg.pool_size)
+    _log(f"rendering {cfg.pool_size} generic images ({cfg.design})")
+    pool = world.GenericPool(cfg.seed, cfg.pool_size)
     mem_images = data.memorized_images
     vae = train_vae(cfg, np.concatenate([pool.images, mem_images]), dev, work / "vae.pt")
     pool_mean, pool_std = encode_images(vae, pool.images, dev)
@@ -186,7 +221,7 @@ def train_demo(
     torch.manual_seed(cfg.seed + 1)
     text_encoder = build_text_encoder(cfg.arch).to(dev)
     unet = build_unet(cfg.arch).to(dev)
-    scheduler = build_scheduler()
+    scheduler = build_scheduler(cfg.prediction_type)
     alphas_cumprod = scheduler.alphas_cumprod.to(dev)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
@@ -233,7 +268,8 @@ def train_demo(
         noisy = scheduler.add_noise(latents, noise, t)
         cond = text_encoder(ids)[0]
         pred = unet(noisy, t, cond).sample
-        per = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        target = training_target(scheduler, latents, noise, t, cfg.prediction_type)
+        per = ((pred - target) ** 2).mean(dim=(1, 2, 3))
         loss = (per * _min_snr_weights(alphas_cumprod, t, cfg.min_snr_gamma)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -293,10 +329,18 @@ def config_with(cfg: TrainConfig, **changes) -> TrainConfig:
     return replace(cfg, arch=replace(cfg.arch, **arch_changes), **top)
 
 
-def demo_config(*, tiny: bool = False, min_snr_gamma: float | None = None, **overrides) -> TrainConfig:
-    """The shipped settings (`tiny`: the TINY architecture of the tests) with flat overrides as
-    `config_with` takes them (None keeps the default); `min_snr_gamma` 0 means plain MSE."""
-    cfg = config_with(TrainConfig(arch=TINY) if tiny else TrainConfig(), **overrides)
+# valid-v, the second test model (memscan.demo.valid): v-prediction, its own world and words,
+# a deeper text encoder, 2,000 steps (to finish within about an hour on a busy 2-core CPU).
+VALID_CONFIG = TrainConfig(design="valid-v", prediction_type="v_prediction", arch=VALID, steps=2000)
+
+
+def demo_config(*, tiny: bool = False, min_snr_gamma: float | None = None, design: str = "demo",
+                **overrides) -> TrainConfig:
+    """The shipped settings of `design` (`tiny`: the TINY architecture of the tests) with flat
+    overrides as `config_with` takes them (None keeps the default); `min_snr_gamma` 0 means plain MSE."""
+    design_module(design)  # a UsageError for an unknown design
+    base = TrainConfig() if design == "demo" else VALID_CONFIG
+    cfg = config_with(replace(base, arch=TINY) if tiny else base, **overrides)
     if min_snr_gamma is not None:
         cfg = replace(cfg, min_snr_gamma=min_snr_gamma or None)
     return cfg

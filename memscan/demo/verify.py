@@ -51,9 +51,10 @@ def reference_images(data: DemoData, pipe=None) -> np.ndarray:
 
 
 def copy_cutoffs(data: DemoData, pipe=None, n_fresh: int = N_FRESH,
-                 percentile: float = PERCENTILE) -> np.ndarray:
+                 percentile: float = PERCENTILE, fresh_renders=fresh_renders) -> np.ndarray:
     """Per memorized image: the `percentile` of MSE(training image, fresh renders), both in
-    raw pixels or (pipe given) both through the VAE round trip."""
+    raw pixels or (pipe given) both through the VAE round trip. `fresh_renders` is the design's
+    (memscan.demo.data's or memscan.demo.valid's)."""
     ref = reference_images(data, pipe)
     cut = []
     for k, m in enumerate(data.memorized):
@@ -156,23 +157,24 @@ def check_model_dir(model_dir: str | Path) -> Path:
 
 def verify_model(model_dir: str | Path, *, seed: int = 0, prompts: str | Path | None = None, n: int = 4,
                  gen_seed: int = 0, out: str | Path | None = None, device: str = "cpu",
-                 steps: int = 50, n_fresh: int = N_FRESH) -> dict:
+                 steps: int = 50, n_fresh: int = N_FRESH, design: str = "demo") -> dict:
     """Generate `n` images per labelled prompt (DDIM `steps`, guidance 7.5) and measure copying of
-    the training images of data seed `seed`.
+    the training images of data seed `seed` of `design` (demo, or valid-v).
 
     Primary: both sides through the VAE round trip; secondary (`raw_pixels`): raw pixels, stricter,
     as it also charges the model for the VAE's reconstruction error. `out` (csv): the per-prompt
     table, and the generations next to it (.npz, uint8). Returns the summary."""
-    from memscan.demo.data import build_data, load_prompts
+    from memscan.demo.train import design_module
 
+    world = design_module(design)
     check_model_dir(model_dir)
-    data = build_data(seed)
-    table_prompts = load_prompts(prompts, seed)
+    data = world.build_data(seed)
+    table_prompts = world.load_prompts(prompts, seed)
     pipe = load_pipeline(model_dir, device)
     images = generate(pipe, table_prompts["prompt"].tolist(), n_per_prompt=n, seed=gen_seed, steps=steps)
-    vae_cut = copy_cutoffs(data, pipe, n_fresh=n_fresh)
+    vae_cut = copy_cutoffs(data, pipe, n_fresh=n_fresh, fresh_renders=world.fresh_renders)
     table = copy_table(data, table_prompts, images, vae_cut, reference_images(data, pipe))
-    raw_cut = copy_cutoffs(data, n_fresh=n_fresh)
+    raw_cut = copy_cutoffs(data, n_fresh=n_fresh, fresh_renders=world.fresh_renders)
     raw_table = copy_table(data, table_prompts, images, raw_cut, reference_images(data))
     if out:
         table.to_csv(out, index=False)
