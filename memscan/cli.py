@@ -255,8 +255,17 @@ def _top_table(top: list[dict[str, Any]], title: str, threshold: float | None = 
     return table
 
 
-def _default_output(input_path: Path) -> Path:
-    name = input_path.name
+def _storage_options(items: list[str] | None) -> None:
+    """--storage-option KEY=VALUE (repeatable): options of the URL filesystems (memscan.storage), for
+    this process and the workers it starts."""
+    if items:
+        from memscan import storage
+
+        storage.configure(storage.parse_storage_options(items))
+
+
+def _default_output(input_path: Path | str) -> Path:
+    name = Path(input_path).name
     for suffix in (".gz", ".csv", ".tsv", ".parquet", ".jsonl", ".txt"):
         name = name.removesuffix(suffix)
     return Path(f"{name}.scores.parquet")
@@ -268,7 +277,7 @@ def _default_output(input_path: Path) -> Path:
     "  memscan detect captions/ -o audit/ --model sd-v1-4 --gpus all   # a run directory"
 ))
 def detect(
-    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Prompts: CSV, TSV, Parquet, JSONL or TXT (optionally .gz); a folder or glob for a run directory.")],
+    input_path: Annotated[str, typer.Argument(metavar="INPUT", help="Prompts: CSV, TSV, Parquet, JSONL or TXT (optionally .gz), a local path or URL (s3://, gs://, az://, hf://, https://); a folder, prefix or glob for a run directory.")],
     output: Annotated[str | None, typer.Option("-o", "--output", help="A .parquet file, or a run directory (sharded, resumable): an existing directory, a path ending in '/', or a name with no suffix; other suffixes are refused (default: INPUT-NAME.scores.parquet).")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, .safetensors file, or hub id.")] = "demo",
     method: Annotated[str | None, typer.Option(help=f"Detection method: {METHODS_PLACEHOLDER}; options as NAME:key=value, e.g. wen:steps=10 (default: the one the profile was calibrated with, else anisotropy).")] = None,
@@ -298,12 +307,14 @@ def detect(
     top: Annotated[int, typer.Option(help="Top-scored prompts to show (single-file output).")] = 10,
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     fail_on_flagged: Annotated[bool, typer.Option("--fail-on-flagged", help=f"Exit {EXIT_FLAGGED} when prompts are flagged.")] = False,
-    previous: Annotated[Path | None, typer.Option("--previous", help="The last audit (scores file or run directory): the summary counts prompts newly flagged, no longer flagged, added, removed, unscored since (see `memscan diff`).")] = None,
+    previous: Annotated[str | None, typer.Option("--previous", help="The last audit (scores file or run directory): the summary counts prompts newly flagged, no longer flagged, added, removed, unscored since (see `memscan diff`).")] = None,
     fail_on_new_flagged: Annotated[bool, typer.Option("--fail-on-new-flagged", help=f"Exit {EXIT_FLAGGED} only when a prompt is flagged that was not flagged in --previous.")] = False,
+    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help="fsspec storage option KEY=VALUE for URL inputs and outputs (s3://, gs://, az://, hf://; repeatable; VALUE is read as JSON when it parses): endpoint_url=http://localhost:9000, anon=true; s3.KEY for one protocol only.")] = None,
     cache: Annotated[str | None, typer.Option("--cache", help="Score cache (a folder or fsspec URL, e.g. s3://bucket/memscan-cache/): prompts already scored under the same model and settings are read from it, new ones scored and added (see `memscan cache`).")] = None,
 ) -> None:
     """Score every prompt with the anisotropy memorization metric and write Parquet."""
     with cli_errors():
+        _storage_options(storage_option)
         from memscan.config import DetectSettings
 
         settings = DetectSettings(
@@ -327,13 +338,13 @@ def detect(
             raise typer.Exit(outcome.exit_code)
         if gpus or workers or executor != "local" or retry_errors:
             raise UsageError("--gpus, --workers, --executor and --retry-errors need a run directory (-o DIR)")
-        _detect_file(input_path, Path(output), settings, if_exists or "fail", top, json_summary, fail_on_flagged, log_interval, previous=previous,
+        _detect_file(input_path, output, settings, if_exists or "fail", top, json_summary, fail_on_flagged, log_interval, previous=previous,
                      fail_on_new_flagged=fail_on_new_flagged)
 
 
-def _detect_file(input_path: Path, output: Path, settings: Any, if_exists: str, top: int, json_summary: bool,
+def _detect_file(input_path: str, output: str, settings: Any, if_exists: str, top: int, json_summary: bool,
                  fail_on_flagged: bool, log_interval: float = 60.0,
-                 previous: Path | None = None, fail_on_new_flagged: bool = False) -> None:
+                 previous: str | None = None, fail_on_new_flagged: bool = False) -> None:
     """Single-file detect: score everything in one go and write one Parquet file.
 
     Progress goes to stderr: a live bar on a terminal, else a line every `log_interval` seconds."""
@@ -396,11 +407,13 @@ def _report_run(summary: dict[str, Any], json_summary: bool) -> None:
 
 @app.command("status", epilog="\b\nExample:\n  memscan status audit/ --json")
 def run_status(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory made by `memscan detect -o DIR` or `memscan mitigate -o DIR`.")],
+    run_dir: Annotated[str, typer.Argument(help="A run directory made by `memscan detect -o DIR` or `memscan mitigate -o DIR` (a path or URL).")],
     json_summary: Annotated[bool, typer.Option("--json", help="Print the status as JSON on stdout.")] = False,
+    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help="fsspec storage option KEY=VALUE for URL inputs and outputs (s3://, gs://, az://, hf://; repeatable; VALUE is read as JSON when it parses): endpoint_url=http://localhost:9000, anon=true; s3.KEY for one protocol only.")] = None,
 ) -> None:
     """Planned, done, failed and pending shards, rows, rate and ETA of a run directory."""
     with cli_errors():
+        _storage_options(storage_option)
         from memscan.run import RunDirectory, summarize_run
 
         summary = summarize_run(RunDirectory(run_dir))
@@ -415,13 +428,15 @@ def run_status(
 
 @app.command("merge", epilog="\b\nExample:\n  memscan merge audit/ -o scores.parquet")
 def merge(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory made by `memscan detect -o DIR` or `memscan mitigate -o DIR`.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="The merged scores (or rewrites) .parquet file.")],
+    run_dir: Annotated[str, typer.Argument(help="A run directory made by `memscan detect -o DIR` or `memscan mitigate -o DIR` (a path or URL).")],
+    output: Annotated[str, typer.Option("-o", "--output", help="The merged scores (or rewrites) .parquet file (a path or URL).")],
     partial: Annotated[bool, typer.Option("--partial", help="Merge the done shards of an unfinished run.")] = False,
     if_exists: Annotated[str, typer.Option("--if-exists", help="Output exists: fail or overwrite (never over an input).")] = "fail",
+    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help="fsspec storage option KEY=VALUE for URL inputs and outputs (s3://, gs://, az://, hf://; repeatable; VALUE is read as JSON when it parses): endpoint_url=http://localhost:9000, anon=true; s3.KEY for one protocol only.")] = None,
 ) -> None:
     """Merge a run directory's shards into one scores file (in input order)."""
     with cli_errors():
+        _storage_options(storage_option)
         from memscan.run.merge import merge_run
 
         rows = merge_run(run_dir, output, allow_partial=partial, if_exists=if_exists)
@@ -430,15 +445,17 @@ def merge(
 
 @app.command("diff", epilog="\b\nExample:\n  memscan diff yesterday.parquet today.parquet --json --fail-on-new-flagged")
 def diff_cmd(
-    old: Annotated[Path, typer.Argument(help="The earlier audit: a scores .parquet file or a detect run directory.")],
-    new: Annotated[Path, typer.Argument(help="The later audit: a scores .parquet file or a detect run directory.")],
+    old: Annotated[str, typer.Argument(help="The earlier audit: a scores .parquet file or a detect run directory (a path or URL).")],
+    new: Annotated[str, typer.Argument(help="The later audit: a scores .parquet file or a detect run directory (a path or URL).")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the changes as JSON on stdout: counts, then each category's entries.")] = False,
     limit: Annotated[int | None, typer.Option(help="At most N entries per category (default: 10 in the table, all in --json).")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 2, not warn, when the two were scored differently (model, threshold, ...).")] = False,
     fail_on_new_flagged: Annotated[bool, typer.Option("--fail-on-new-flagged", help=f"Exit {EXIT_FLAGGED} when a prompt is newly flagged.")] = False,
+    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help="fsspec storage option KEY=VALUE for URL inputs and outputs (s3://, gs://, az://, hf://; repeatable; VALUE is read as JSON when it parses): endpoint_url=http://localhost:9000, anon=true; s3.KEY for one protocol only.")] = None,
 ) -> None:
     """What changed between two audits, matched by prompt_id: newly flagged, no longer flagged, added, removed, unscored."""
     with cli_errors():
+        _storage_options(storage_option)
         from memscan.diff import check_strict, diff_scores
 
         result = diff_scores(old, new)

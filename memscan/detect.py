@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from memscan import __version__
+from memscan import __version__, storage
 from memscan.cache import ScoreCache, open_cache
 from memscan.config import DetectSettings, fingerprint
 from memscan.errors import InputError, MemscanError, OutputError
@@ -169,10 +169,10 @@ def detect(
     settings = settings or DetectSettings()
     if model is not None:
         settings = settings.for_profile(model.profile)
-    output_path = Path(output) if output is not None else None
+    output_path = storage.location(output) if output is not None else None  # a path or a URL
     if output_path is not None:
         check_output(output_path, inputs=[input_path], if_exists=if_exists)
-    source = PromptSource(Path(input_path), prompt_column=settings.prompt_column, id_column=settings.id_column)
+    source = PromptSource(input_path, prompt_column=settings.prompt_column, id_column=settings.id_column)
     frame = source.read()
     if frame.empty:
         raise InputError(f"{input_path}: no prompts (the file has no rows)")

@@ -29,10 +29,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from memscan import storage
 from memscan.errors import InputError, UsageError
 from memscan.io.scores import METADATA_KEY, STATUS_OK
+from memscan.storage import Location
 
 REQUIRED_COLUMNS = ("prompt_id", "score", "flagged", "status")
 CATEGORIES = ("newly_flagged", "no_longer_flagged", "still_flagged", "added", "removed", "unscored")
@@ -76,22 +77,23 @@ def check_unique_ids(ids: pd.Series, source: str) -> None:
         )
 
 
-def load_scores(path: str | Path) -> ScoreSet:
-    """A scores file, or a complete detect run directory read through its shards (nothing written)."""
-    path = Path(path)
+def load_scores(path: str | Location) -> ScoreSet:
+    """A scores file, or a complete detect run directory read through its shards (nothing written);
+    local or on a store (memscan.storage)."""
+    path = storage.location(path)
     if path.is_dir():
         return _load_run(path)
     if not path.exists():
         raise InputError(f"{path}: no such scores file or run directory")
     try:
-        schema = pq.read_schema(path)
-        table = pq.read_table(path, columns=_wanted(schema))
+        schema = storage.read_schema(path)
+        table = storage.read_table(path, columns=_wanted(schema))
     except (OSError, pa.ArrowInvalid) as exc:
         raise InputError(f"cannot read scores file {path}: {exc}") from exc
     return ScoreSet(table.to_pandas(), _facts(schema), str(path))
 
 
-def _load_run(root: Path) -> ScoreSet:
+def _load_run(root: Location) -> ScoreSet:
     from memscan.run.rundir import RunDirectory
 
     run = RunDirectory(root)
@@ -108,9 +110,9 @@ def _load_run(root: Path) -> ScoreSet:
             "a diff needs every row: finish the run (rerun it), or `memscan merge --partial` and diff that file"
         )
     try:
-        schema = pq.read_schema(run.shard_path(done[0]))
+        schema = storage.read_schema(run.shard_path(done[0]))
         columns = _wanted(schema)
-        table = pa.concat_tables([pq.read_table(run.shard_path(s), columns=columns) for s in done])
+        table = pa.concat_tables([storage.read_table(run.shard_path(s), columns=columns) for s in done])
     except (OSError, pa.ArrowInvalid) as exc:
         raise InputError(f"cannot read the shards of {root}: {exc}") from exc
     return ScoreSet(table.to_pandas(), _facts(schema), str(root))
@@ -308,12 +310,14 @@ def check_strict(result: ScoreDiff) -> None:
 # --------------------------------------------------------------------------- detect --previous
 
 
-def read_previous(previous: str | Path, output: str | Path | None = None, *, run_directory: bool = False) -> ScoreSet:
+def read_previous(
+    previous: str | Location, output: str | Location | None = None, *, run_directory: bool = False
+) -> ScoreSet:
     """`detect --previous`: read and checked before any scoring, so a bad one costs nothing.
 
     A file output may be its own previous (it is read before it is replaced); a run directory may
     not, since it is resumed, not replaced."""
-    if run_directory and output is not None and Path(previous).resolve() == Path(output).resolve():
+    if run_directory and output is not None and storage.same_location(previous, output):
         raise UsageError(f"--previous {previous} is the run directory being written; give the last run's output")
     return load_scores(previous)
 

@@ -10,6 +10,9 @@
 - Files are written to a temporary name in the same folder and moved into place (a reader never
   sees half a file), with mode `0o666 & ~umask` as `open()` would give, not mkstemp's 0o600:
   results on shared storage stay readable by the group when the umask says so.
+- A URL (memscan.storage: s3://, gs://, az://, memory://, ...) follows the same rules on its store:
+  nothing is probed locally; the bucket must exist and take a small probe object (written, then
+  deleted) before any work, and every object is written whole (object stores have no rename).
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable, Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from memscan.errors import MemscanError, OutputError, OutputRefusedError, UsageError, one_line
+from memscan import storage
+from memscan.errors import InputError, MemscanError, OutputError, OutputRefusedError, UsageError, one_line
+from memscan.storage import Location, RemotePath
 
 FILE_SUFFIXES = (".parquet",)
 RUN_RULE = (
@@ -33,9 +38,18 @@ IF_EXISTS_RUN = ("fail", "overwrite", "resume")
 OutputKind = Literal["file", "run"]
 
 
-def output_kind(path: str | Path, *, flag: str = "-o") -> OutputKind:
+def output_kind(path: str | Location, *, flag: str = "-o") -> OutputKind:
     """`file` or `run` (directory) by the rule above; give the path as typed (a str keeps a trailing '/')."""
-    text = os.fspath(path)
+    text = str(path) if isinstance(path, RemotePath) else os.fspath(path)
+    if storage.is_url(text):
+        if text.endswith("/"):
+            return "run"
+        suffix = PurePosixPath(text.split("://", 1)[1]).suffix.lower()
+        if suffix in FILE_SUFFIXES or not suffix:
+            return "file" if suffix else "run"
+        if storage.location(text).is_dir():  # asked of the store only for a name with another suffix
+            return "run"
+        raise UsageError(f"{flag} {text}: {RUN_RULE}")
     if text.endswith(("/", os.sep)) or Path(text).is_dir():
         return "run"
     suffix = Path(text).suffix.lower()
@@ -46,8 +60,10 @@ def output_kind(path: str | Path, *, flag: str = "-o") -> OutputKind:
     raise UsageError(f"{flag} {text}: {RUN_RULE}")
 
 
-def _same_path(a: Path, b: Path) -> bool:
-    """The same file or folder: by inode when both exist, else by resolved path."""
+def _same_path(a: Location, b: Location) -> bool:
+    """The same file or folder: by inode when both exist, else by resolved path (URLs: by their text)."""
+    if isinstance(a, RemotePath) or isinstance(b, RemotePath):
+        return storage.same_location(a, b)
     try:
         if a.exists() and b.exists():
             return os.path.samefile(a, b)
@@ -64,9 +80,15 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def check_writable_location(path: Path, *, what: str = "output", inside: bool = False) -> None:
+def check_writable_location(path: Location, *, what: str = "output", inside: bool = False) -> None:
     """Raise OutputError unless the folder that will receive `path` (or, `inside`, the files of an
-    existing folder `path`) exists or can be created, and is writable."""
+    existing folder `path`) exists or can be created, and is writable. On a URL: a probe object is
+    written and deleted there (the bucket exists, the credentials may write)."""
+    if isinstance(path, RemotePath) or storage.is_url(path):
+        remote = storage.location(path)
+        assert isinstance(remote, RemotePath)
+        storage.probe_writable(remote if inside else remote.parent, what, remote)
+        return
     path = Path(path)
     place = _nearest_existing(path if inside and path.is_dir() else path.parent)
     if not place.is_dir():
@@ -82,20 +104,25 @@ def check_writable_location(path: Path, *, what: str = "output", inside: bool = 
 
 
 def check_output(
-    path: str | Path, *, inputs: Iterable[str | Path] = (), if_exists: str = "fail",
+    path: str | Location, *, inputs: Iterable[str | Location] = (), if_exists: str = "fail",
     kind: OutputKind = "file", what: str = "output",
-) -> Path:
+) -> Location:
     """Check an output before any work: valid `if_exists`, not an input, not an existing file unless
-    `overwrite` (run directories: an existing run folder is the job's to resume), writable place."""
-    path = Path(path)
+    `overwrite` (run directories: an existing run folder is the job's to resume), writable place.
+    A URL is checked on its store (errors are one OutputError line, exit 4)."""
+    path = storage.location(path)
     allowed = IF_EXISTS_RUN if kind == "run" else IF_EXISTS_FILE
     if if_exists not in allowed:
         hint = "; resume applies to run directories" if if_exists == "resume" else ""
         raise UsageError(f"--if-exists {if_exists!r}: use {' or '.join(allowed)}{hint}")
     for source in inputs:
-        if _same_path(path, Path(source)):
+        if _same_path(path, storage.location(source)):
             raise OutputRefusedError(f"{what} {path} is also an input ({source}); write somewhere else")
-    if path.exists():
+    try:
+        exists = path.exists()
+    except InputError as exc:  # a store that cannot be reached or read (URLs only): nor can it be written
+        raise OutputError(f"cannot write {what} {exc}") from None
+    if exists:
         if kind == "file" and path.is_dir():
             raise UsageError(f"{what} {path} is a directory; give a file path")
         if kind == "run" and not path.is_dir():
@@ -128,10 +155,16 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: Path, write: Callable[[Path], object]) -> None:
+def atomic_write_bytes(path: str | Location, write: Callable[[Path], object]) -> None:
     """Call `write(tmp_path)`, give the file the umask's mode, then move it into place: readers never
     see half a file. An OS error (permission, disk full, a file where a folder should be) is an
-    OutputError naming the path; nothing is left behind."""
+    OutputError naming the path; nothing is left behind. A URL gets the file as one whole object
+    (object stores have no rename; a PUT is all or nothing)."""
+    if isinstance(path, RemotePath) or storage.is_url(path):
+        remote = storage.location(path)
+        assert isinstance(remote, RemotePath)
+        storage.upload(remote, write)
+        return
     path = Path(path)
     tmp: Path | None = None
     try:

@@ -10,7 +10,9 @@ Each batch has the columns
     *keep_columns             copied as read: strings from CSV/TSV, Parquet's own types,
                               pandas' inference from JSONL values
 
-Anything wrong with the input raises `InputError` with one line that names the file.
+Anything wrong with the input raises `InputError` with one line that names the file. A file is a
+local path or any fsspec URL (memscan.storage: s3://, gs://, az://, hf://, https://, memory://);
+Parquet over a URL is read by byte ranges, so counting rows reads the footer only.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from memscan import storage
 from memscan.errors import InputError, one_line
+from memscan.storage import Location
 
 FORMATS = ("csv", "tsv", "parquet", "jsonl", "txt")
 _TEXT_FORMATS = frozenset({"csv", "tsv", "jsonl", "txt"})
@@ -54,7 +58,7 @@ class _RawBatch(NamedTuple):
     keep: pd.DataFrame | None  # the keep columns, None when there are none (or not wanted)
 
 
-def _format_of(path: Path, fmt: str | None) -> tuple[str, bool]:
+def _format_of(path: Location, fmt: str | None) -> tuple[str, bool]:
     """(format, gzip-compressed?) from `fmt` or the file name."""
     suffixes = [s.lower() for s in path.suffixes]
     compressed = bool(suffixes) and suffixes[-1] == ".gz"
@@ -112,14 +116,14 @@ class PromptSource:
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Location,
         *,
         prompt_column: str | None = None,
         id_column: str | None = None,
         fmt: str | None = None,
         keep_columns: Sequence[str] = (),
     ) -> None:
-        self.path = Path(path)
+        self.path: Location = storage.location(path)
         if not self.path.exists():
             raise InputError(f"{self.path}: no such file")
         if self.path.is_dir():
@@ -166,7 +170,7 @@ class PromptSource:
             raise ValueError(f"bad row range [{start}, {stop})")
         first, batches = 0, self._raw_batches(65536)
         if self.fmt == "parquet":
-            with self._input_errors(), pq.ParquetFile(self.path) as parquet:
+            with self._input_errors(), self._parquet_file() as parquet:
                 meta = parquet.metadata
                 offsets = [0]
                 for group in range(meta.num_row_groups):
@@ -193,7 +197,7 @@ class PromptSource:
     def count_rows(self) -> int:
         """Number of rows: from the footer for Parquet (no data read), else by streaming the file."""
         if self.fmt == "parquet":
-            with self._input_errors(), pq.ParquetFile(self.path) as parquet:
+            with self._input_errors(), self._parquet_file() as parquet:
                 return parquet.metadata.num_rows
         return sum(len(raw.prompts) for raw in self._raw_batches(65536, with_extras=False))
 
@@ -206,7 +210,7 @@ class PromptSource:
         if self.fmt == "txt":
             return []
         if self.fmt == "parquet":
-            with pq.ParquetFile(self.path) as parquet:
+            with self._parquet_file() as parquet:
                 return list(parquet.schema_arrow.names)
         if self.fmt == "jsonl":
             names: dict[str, None] = {}
@@ -302,7 +306,7 @@ class PromptSource:
     ) -> Iterator[_RawBatch]:
         wanted = [self.prompt_column, *((self.id_column,) if self.id_column else ()), *self.keep_columns]
         columns = list(dict.fromkeys(wanted if with_extras else wanted[:1]))
-        with pq.ParquetFile(self.path) as parquet:
+        with self._parquet_file() as parquet:
             self._check_parquet_prompt_type(parquet.schema_arrow.field(self.prompt_column).type)
             for batch in parquet.iter_batches(batch_size=rows, columns=columns, row_groups=row_groups):
                 prompts = pc.cast(batch.column(self.prompt_column), pa.string()).to_pylist()
@@ -419,7 +423,20 @@ class PromptSource:
 
     def _open(self) -> IO[bytes]:
         """The file's (decompressed) bytes."""
-        return gzip.open(self.path, "rb") if self.compressed else open(self.path, "rb")
+        if isinstance(self.path, Path):
+            return gzip.open(self.path, "rb") if self.compressed else open(self.path, "rb")
+        raw = storage.open_read(self.path)
+        if not self.compressed:
+            return raw
+        stream = gzip.GzipFile(fileobj=raw, mode="rb")
+        stream.myfileobj = raw  # type: ignore[attr-defined]  # closing the gzip stream closes the object too
+        return stream
+
+    @contextmanager
+    def _parquet_file(self) -> Iterator[pq.ParquetFile]:
+        """The Parquet file: the local path as before, a URL by byte ranges (the footer alone to plan)."""
+        with storage.parquet_source(self.path) as source, pq.ParquetFile(source) as parquet:
+            yield parquet
 
     def _open_text(self) -> IO[str]:
         # utf-8-sig drops a byte-order mark; universal newlines make \r\n and \r line ends too.
@@ -475,8 +492,12 @@ class PromptSource:
             raise InputError(f"{where} corrupt or unreadable Parquet file ({one_line(exc)})") from exc
         except OSError as exc:
             raise InputError(f"{where} cannot read the file ({one_line(exc)})") from exc
+        except Exception as exc:
+            if not storage.is_storage_error(exc):  # a store's client failing (unreachable, denied)
+                raise
+            raise InputError(f"{where} {storage.describe(exc)}") from exc
 
 
-def read_prompts(path: str | Path, **kwargs: Any) -> pd.DataFrame:
+def read_prompts(path: str | Location, **kwargs: Any) -> pd.DataFrame:
     """All prompts of a file as one canonical DataFrame; `kwargs` as for `PromptSource`."""
     return PromptSource(path, **kwargs).read()

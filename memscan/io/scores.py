@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from memscan import storage
 from memscan.errors import InputError
 from memscan.outputs import atomic_write_bytes
+from memscan.storage import Location
 
 METADATA_KEY = b"memscan"
 STATUS_OK = "ok"
@@ -52,15 +53,16 @@ def to_table(frame: pd.DataFrame, schema: pa.Schema, facts: dict[str, Any] | Non
     return table
 
 
-def write_scores(table: pa.Table, path: Path) -> None:
-    """Write a scores table to `path` atomically."""
-    atomic_write_bytes(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+def write_scores(table: pa.Table, path: str | Location) -> None:
+    """Write a scores table to `path` (a local path or URL) atomically: renamed into place, or one object."""
+    atomic_write_bytes(storage.location(path), lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
-def read_scores(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """A scores file and its run facts."""
+def read_scores(path: str | Location) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """A scores file (a local path or URL) and its run facts."""
     try:
-        table = pq.read_table(path)
+        with storage.storage_errors(path):
+            table = storage.read_table(storage.location(path))
     except (OSError, pa.ArrowInvalid) as exc:
         raise InputError(f"cannot read scores file {path}: {exc}") from exc
     raw = (table.schema.metadata or {}).get(METADATA_KEY)

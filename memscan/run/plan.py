@@ -4,6 +4,8 @@ The plan is a pure function of the sorted input files, their row counts and the 
 so every worker, rank or attempt computes the same shard ids. Parquet inputs are counted from
 their footers (no data read). Text inputs are streamed once into a staged Parquet copy in the
 run directory, so any shard can later be read in O(shard) without re-parsing the text.
+Inputs and the run directory may be URLs (memscan.storage): a bucket prefix or a glob on it is
+listed like a folder, and a Parquet input on a store is counted from its footer alone.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from memscan import storage
 from memscan.errors import InputError
 from memscan.io.readers import FORMATS, PromptSource
 from memscan.io.scores import atomic_write_bytes
+from memscan.storage import Location, RemotePath
 
 _INPUT_SUFFIXES = tuple(f".{fmt}" for fmt in FORMATS) + tuple(f".{fmt}.gz" for fmt in FORMATS if fmt != "parquet")
 
@@ -53,8 +57,10 @@ class Shard:
         return f"part-{self.id:05d}"
 
 
-def expand_inputs(spec: str | Path) -> list[Path]:
-    """A file, a folder (its prompt files) or a glob, as a sorted list of files."""
+def expand_inputs(spec: str | Location) -> list[Location]:
+    """A file, a folder (its prompt files) or a glob, as a sorted list of files (local or on a store)."""
+    if storage.is_remote(spec):
+        return _expand_remote(str(spec))
     path = Path(spec)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(_INPUT_SUFFIXES))
@@ -65,6 +71,26 @@ def expand_inputs(spec: str | Path) -> list[Path]:
         files = sorted(Path(p) for p in glob.glob(str(spec)) if Path(p).is_file())
         if not files:
             raise InputError(f"{spec}: no file matches")
+        return files
+    return [path]
+
+
+def _expand_remote(spec: str) -> list[Location]:
+    """expand_inputs for a URL: a prefix lists its prompt files, a glob matches on the store."""
+    head, _, tail = spec.partition("://")
+    if any(ch in tail for ch in "*?["):
+        base, _, pattern = tail.rpartition("/")
+        if any(ch in base for ch in "*?["):
+            raise InputError(f"{spec}: a glob on a store may use wildcards in the last part of the name only")
+        files = RemotePath(f"{head}://{base}").files(pattern)
+        if not files:
+            raise InputError(f"{spec}: no file matches")
+        return files
+    path = RemotePath(spec)
+    if spec.endswith("/") or path.is_dir():
+        files = [p for p in path.files() if p.name.lower().endswith(_INPUT_SUFFIXES)]
+        if not files:
+            raise InputError(f"{path}: folder holds no prompt files ({', '.join(_INPUT_SUFFIXES)})")
         return files
     return [path]
 
@@ -80,7 +106,7 @@ def make_plan(inputs: list[InputFile], shard_size: int) -> list[Shard]:
     return shards
 
 
-def stage_text_input(source: PromptSource, dest: Path, shard_size: int) -> int:
+def stage_text_input(source: PromptSource, dest: Location, shard_size: int) -> int:
     """Stream a text input into a canonical Parquet file (one row group per shard); rows written."""
     schema = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()), ("row_index", pa.int64())])
     rows = 0
@@ -97,8 +123,8 @@ def stage_text_input(source: PromptSource, dest: Path, shard_size: int) -> int:
     return rows
 
 
-def open_input(item: InputFile, run_dir: Path, prompt_column: str | None, id_column: str | None) -> PromptSource:
+def open_input(item: InputFile, run_dir: Location, prompt_column: str | None, id_column: str | None) -> PromptSource:
     """The source a shard of `item` is read from: the staged copy if there is one."""
     if item.staged is not None:
-        return PromptSource(run_dir / item.staged, prompt_column="prompt", id_column="prompt_id")
-    return PromptSource(Path(item.path), prompt_column=prompt_column, id_column=id_column)
+        return PromptSource(storage.location(run_dir) / item.staged, prompt_column="prompt", id_column="prompt_id")
+    return PromptSource(storage.location(item.path), prompt_column=prompt_column, id_column=id_column)
