@@ -193,9 +193,10 @@ def run_job(
 
 def check_run_output(input_spec: str | Path, out_dir: str | Path, options: RunOptions) -> None:
     """Before any work: the run directory is not an input, not a file, and can be written."""
+    from memscan import storage
     from memscan.run.plan import expand_inputs
 
-    inputs = [Path(input_spec), *expand_inputs(input_spec)]
+    inputs = [storage.location(input_spec), *expand_inputs(input_spec)]
     check_output(out_dir, inputs=inputs, if_exists=options.if_exists, kind="run", what="run directory")
 
 

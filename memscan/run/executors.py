@@ -6,7 +6,8 @@
   from a queue; a shard whose worker died is handed to another worker.
 - ray: a pool of Ray actors (one GPU each, or CPU), each loading the pipeline once; a shard
   whose actor died is re-submitted to a fresh actor. The run directory must be on storage all
-  nodes share.
+  nodes reach: a shared filesystem, or a bucket (`-o s3://bucket/audit/`: no shared filesystem
+  needed; the storage options in force travel to the actors in their runtime environment).
 
 Every executor tells `progress` (the parent's RunProgress) when a worker has loaded its model,
 which shard it took, and the rows of every batch: worker processes through the results queue
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from memscan import storage
 from memscan.errors import MemscanError, UsageError
 from memscan.run.job import ShardJob, ShardResult, ShardWorker, job_for_device
 from memscan.run.progress import RunProgress
@@ -220,6 +222,9 @@ def run_ray(run_dir: str, job: ShardJob, shard_ids: Sequence[int], *, workers: i
         ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
                  **({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(workers, 1)}))
     actor_class = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1, max_restarts=0)(_RayShardActor)
+    if os.environ.get(storage.ENV_OPTIONS):  # --storage-option reaches actors on every node
+        env_vars = {storage.ENV_OPTIONS: os.environ[storage.ENV_OPTIONS]}
+        actor_class = actor_class.options(runtime_env={"env_vars": env_vars})
     events = Queue(actor_options={"num_cpus": 0}) if progress is not None else None
     try:
         _drive_ray(ray, RayActorError, actor_class, events, run_dir, job, shard_ids, workers=workers,

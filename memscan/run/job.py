@@ -177,7 +177,7 @@ def _plan_inputs(
         if source.fmt == "parquet":
             inputs.append(InputFile(str(path.resolve()), source.count_rows(), size))
             continue
-        staged = f"inputs/input-{index:05d}.parquet"
+        staged = run.staged_name(index)  # a store: under this starter's own prefix
         log.info("staging %s into %s", path, staged)
         rows = stage_text_input(source, run.root / staged, shard_size)
         inputs.append(InputFile(str(path.resolve()), rows, size, staged))
@@ -207,7 +207,7 @@ def prepare_run(
                     "use --if-exists overwrite or another output directory"
                 )
             inputs = [InputFile(**item) for item in manifest["inputs"]]
-            current = [Path(p) for p in expand_inputs(input_spec)]
+            current = expand_inputs(input_spec)  # local paths or URLs (memscan.storage)
             if [str(p.resolve()) for p in current] != [i.path for i in inputs] or any(
                 p.stat().st_size != i.size for p, i in zip(current, inputs, strict=True)
             ):

@@ -1,4 +1,6 @@
-"""Merge a run directory's shards into one scores file, in shard order, in bounded memory."""
+"""Merge a run directory's shards into one scores file, in shard order, in bounded memory.
+
+The run directory and the output may each be local or on a store (memscan.storage)."""
 
 from __future__ import annotations
 
@@ -7,13 +9,17 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from memscan import storage
 from memscan.errors import PartialRunError
 from memscan.io.scores import METADATA_KEY, atomic_write_bytes
 from memscan.outputs import check_output
 from memscan.run.rundir import RunDirectory
+from memscan.storage import Location
 
 
-def merge_run(run_dir: str | Path, output: str | Path, *, allow_partial: bool = False, if_exists: str = "fail") -> int:
+def merge_run(
+    run_dir: str | Location, output: str | Location, *, allow_partial: bool = False, if_exists: str = "fail"
+) -> int:
     """Concatenate the done shards into `output`; refuses an incomplete run unless allowed, an existing
     output unless `if_exists="overwrite"`, and any file of the run or its inputs always.
 
@@ -22,7 +28,7 @@ def merge_run(run_dir: str | Path, output: str | Path, *, allow_partial: bool = 
     inputs, shards = run.plan()
     own = [run.root, run.manifest_path, run.summary_path]
     own += [p for s in shards for p in (run.shard_path(s), run.stats_path(s), run.failed_path(s))]
-    own += [Path(i.path) for i in inputs] + [run.root / i.staged for i in inputs if i.staged]
+    own += [storage.location(i.path) for i in inputs] + [run.root / i.staged for i in inputs if i.staged]
     check_output(output, inputs=own, if_exists=if_exists)
     done = [s for s in shards if run.is_done(s)]
     if len(done) < len(shards) and not allow_partial:
@@ -32,7 +38,7 @@ def merge_run(run_dir: str | Path, output: str | Path, *, allow_partial: bool = 
         )
     if not done:
         raise PartialRunError(f"{run.root}: no shard is done yet")
-    first = pq.read_schema(run.shard_path(done[0]))
+    first = storage.read_schema(run.shard_path(done[0]))
     facts = json.loads((first.metadata or {}).get(METADATA_KEY, b"{}"))
     facts["merged_shards"] = len(done)
     facts["complete"] = len(done) == len(shards)
@@ -43,9 +49,9 @@ def merge_run(run_dir: str | Path, output: str | Path, *, allow_partial: bool = 
         nonlocal rows
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             for shard in done:
-                table = pq.read_table(run.shard_path(shard)).replace_schema_metadata(schema.metadata)
+                table = run.read_shard(shard).replace_schema_metadata(schema.metadata)
                 writer.write_table(table)
                 rows += table.num_rows
 
-    atomic_write_bytes(Path(output), write)
+    atomic_write_bytes(storage.location(output), write)
     return rows
