@@ -41,6 +41,18 @@ RANDOM_ARCHES = ("tiny", "sd-v1", "sd-v2", "sd-v2-base")
 # The shipped profile that holds each architecture's scoring settings (weights, v convention).
 ARCH_PROFILES = {"sd-v1": "sd-v1-4", "sd-v2": "sd-v2", "sd-v2-base": "sd-v2-base"}
 
+# memscan speed options timed by --variants: Scorer keyword arguments over the defaults (prefetch
+# and channels_last on CUDA only, no compile). Each variant starts from an eager, contiguous UNet.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "prefetch": {"prefetch": True},
+    "no-prefetch": {"prefetch": False},
+    "channels-last": {"channels_last": True},
+    "no-channels-last": {"channels_last": False},
+    "compile": {"compile": True},
+    "sequential": {"prefetch": False, "channels_last": False},  # the pre-issue-15 path
+}
+
 # Built-in prompts (used when the benchmark prompt file is absent). Subjects x styles gives
 # distinct texts; the prompt text does not change the cost (every prompt is padded to 77 tokens).
 SUBJECTS = (
@@ -127,7 +139,7 @@ class UNetClock:
 @dataclass
 class Timing:
     method: str
-    batch_size: int
+    batch_size: int  # prompts per UNet call (what `auto` resolved to, for an `auto` row)
     prompts: int
     warmup_s: float
     seconds: float
@@ -140,6 +152,8 @@ class Timing:
     speedup: float | None = None  # prompts/s over the reference's
     peak_memory_gib: float | None = None  # CUDA only: peak allocated during the timed run
     cpu_s: float | None = None  # process CPU time of the timed run (on a busy CPU: compare these)
+    variant: str = "default"  # memscan's speed options (VARIANTS)
+    batch_spec: str = ""  # the --batch-size entry: a number or auto
 
 
 def timed(clock: UNetClock, device: torch.device, work: Callable[[], Any]) -> tuple[float, Any]:
@@ -202,6 +216,36 @@ def build_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     return model, facts
 
 
+def reset_unet(unet: torch.nn.Module) -> None:
+    """Eager and contiguous: every variant starts from the model as loaded."""
+    from memscan.models.device import set_channels_last, uncompile_unet
+
+    uncompile_unet(unet)
+    set_channels_last(unet, False)
+
+
+def compare_variants(
+    columns: dict[tuple[str, str], dict[str, np.ndarray]], timings: list[Timing], base: str
+) -> list[dict[str, Any]]:
+    """Each variant against the first one (`base`) at the same batch size: prompts/s and CPU-time
+    ratios, and the largest score difference (0 = bit-identical)."""
+    rows = {(t.variant, t.batch_spec): t for t in timings if t.method == "memscan"}
+    out = []
+    for (variant, spec), cols in columns.items():
+        if variant == base or (base, spec) not in columns:
+            continue
+        this, that = rows[(variant, spec)], rows[(base, spec)]
+        diff = max(float(np.max(np.abs(cols[c].astype(np.float64) - columns[(base, spec)][c]), initial=0.0))
+                   for c in cols)
+        out.append({
+            "variant": variant, "base": base, "batch_spec": spec, "batch_size": this.batch_size,
+            "prompts_per_s_ratio": this.prompts_per_s / that.prompts_per_s,
+            "cpu_s_ratio": (this.cpu_s / that.cpu_s) if this.cpu_s and that.cpu_s else None,
+            "max_abs_diff": diff, "bit_identical": diff == 0.0,
+        })
+    return out
+
+
 def score_diff(memscan_cols: dict[str, np.ndarray], reference_rows: list[dict[str, float]]) -> dict[str, Any]:
     """Max absolute (and relative) differences of each column on the common prompts (the first ones)."""
     out: dict[str, Any] = {}
@@ -232,32 +276,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # memscan: for each batch size, warm up on one batch (untimed shapes), then a fresh Scorer
     # scores all N prompts; its shared unconditional pass is inside the timed region.
-    for batch_size in args.batch_size:
-        warm_prompts = prompts[: max(1, min(args.warmup_prompts or batch_size, len(prompts)))]
+    # An `auto` batch size is resolved (probed on CUDA) once, by the first warm-up, and the timed
+    # runs get the number: the probe is a one-off per process, like loading.
+    resolved: dict[str, int] = {}
+    samples: dict[str, dict[str, list[float]]] = {}  # the first --save-scores prompts' scores, per row
+    by_variant: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    for variant in args.variants:
+        options = VARIANTS[variant]
+        reset_unet(model.unet)
+        for spec in args.batch_size:
 
-        def warm(batch_size: int = batch_size, warm_prompts: list[str] = warm_prompts) -> Any:
-            return Scorer(model, method, n_noise=args.n_noise, seed=args.noise_seed,
-                          batch_size=batch_size).score_texts(warm_prompts)
+            def warm(spec: int | str = spec, options: dict[str, Any] = options) -> Any:
+                scorer = Scorer(model, method, n_noise=args.n_noise, seed=args.noise_seed,
+                                batch_size=resolved.get(str(spec), spec), **options)
+                resolved[str(spec)] = scorer.batch_size
+                count = args.warmup_prompts or scorer.batch_size
+                return scorer.score_texts(prompts[: max(1, min(count, len(prompts)))])
 
-        warmup_s, _ = timed(clock, device, warm)
+            warmup_s, _ = timed(clock, device, warm)  # with --compile: the time to first score
+            batch_size = resolved[str(spec)]
 
-        def work(batch_size: int = batch_size) -> Any:
-            scorer = Scorer(model, method, n_noise=args.n_noise, seed=args.noise_seed, batch_size=batch_size)
-            return scorer.score_texts(prompts)
+            def work(batch_size: int = batch_size, options: dict[str, Any] = options) -> Any:
+                scorer = Scorer(model, method, n_noise=args.n_noise, seed=args.noise_seed, batch_size=batch_size,
+                                **options)
+                return scorer.score_texts(prompts)
 
-        seconds, scored = timed(clock, device, work)
-        if scored.unique != len(prompts):
-            print(f"note: {len(prompts) - scored.unique} prompts tokenized like another one and were "
-                  "scored once", file=sys.stderr)
-        runs.append(scored.columns)
-        timings.append(Timing(
-            method="memscan", batch_size=batch_size, prompts=len(prompts), warmup_s=warmup_s,
-            seconds=seconds, prompts_per_s=len(prompts) / seconds, unet_calls=clock.calls,
-            unet_evals_per_prompt=clock.rows / len(prompts),
-            nominal_evals_per_prompt=method.unet_evals_per_prompt(args.n_noise),
-            unet_s=clock.seconds, unet_share=clock.seconds / seconds, peak_memory_gib=peak_memory(device),
-            cpu_s=clock.cpu_s,
-        ))
+            seconds, scored = timed(clock, device, work)
+            if scored.unique != len(prompts):
+                print(f"note: {len(prompts) - scored.unique} prompts tokenized like another one and were "
+                      "scored once", file=sys.stderr)
+            runs.append(scored.columns)
+            by_variant[(variant, str(spec))] = scored.columns
+            samples[f"{variant}@{spec}"] = {c: [float(v) for v in scored.columns[c][: args.save_scores]]
+                                            for c in method.columns}
+            timings.append(Timing(
+                method="memscan", batch_size=batch_size, prompts=len(prompts), warmup_s=warmup_s,
+                seconds=seconds, prompts_per_s=len(prompts) / seconds, unet_calls=clock.calls,
+                unet_evals_per_prompt=clock.rows / len(prompts),
+                nominal_evals_per_prompt=method.unet_evals_per_prompt(args.n_noise),
+                unet_s=clock.seconds, unet_share=clock.seconds / seconds, peak_memory_gib=peak_memory(device),
+                cpu_s=clock.cpu_s, variant=variant, batch_spec=str(spec),
+            ))
+    reset_unet(model.unet)
 
     # reference: one prompt at a time, 4n batch-1 UNet calls each, on the first M prompts.
     from memscan.models.noise import noise_bank
@@ -296,6 +356,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         comparison["tolerance"] = args.tolerance * scale
         comparison["equal"] = bool(comparison["max_abs_score"] <= comparison["tolerance"])
     comparison["nonfinite_scores"] = max(int(np.sum(~np.isfinite(cols["score"]))) for cols in runs)
+    comparison["variants"] = compare_variants(by_variant, timings, args.variants[0])
 
     info = {
         **facts,
@@ -320,7 +381,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         import diffusers
 
         info["diffusers"] = diffusers.__version__
-    return {"config": info, "results": [asdict(t) for t in timings], "scores_check": comparison}
+    return {"config": info, "results": [asdict(t) for t in timings], "scores_check": comparison,
+            "scores_sample": samples}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -335,14 +397,16 @@ def format_report(report: dict[str, Any]) -> str:
         f"prompts from {c['prompt_source']}",
         "",
     ]
-    header = ("method", "batch", "prompts", "warm-up s", "seconds", "CPU s", "prompts/s",
+    header = ("method", "variant", "batch", "prompts", "warm-up s", "seconds", "CPU s", "prompts/s",
               "UNet evals/prompt", "UNet share", "speed-up", "peak GiB")
     rows = []
     for r in report["results"]:
         evals = f"{r['unet_evals_per_prompt']:.2f} ({r['nominal_evals_per_prompt']})"
         speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
         memory = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
-        rows.append((r["method"], str(r["batch_size"]), str(r["prompts"]), f"{r['warmup_s']:.2f}",
+        batch = str(r["batch_size"]) + (" (auto)" if r.get("batch_spec") == "auto" else "")
+        variant = r.get("variant", "default") if r["method"] == "memscan" else "-"
+        rows.append((r["method"], variant, batch, str(r["prompts"]), f"{r['warmup_s']:.2f}",
                      f"{r['seconds']:.2f}", f"{r['cpu_s']:.2f}", _rate(r["prompts_per_s"]), evals,
                      f"{100 * r['unet_share']:.1f}%", speedup, memory))
     if all(r["peak_memory_gib"] is None for r in report["results"]):  # CPU: no memory column
@@ -367,6 +431,11 @@ def format_report(report: dict[str, Any]) -> str:
             f"norm {check['max_abs_norm']:.3e}, "
             f"alignment {check['max_abs_alignment']:.3e}{verdict}"
         )
+    for v in check.get("variants", []):
+        cpu = "-" if v["cpu_s_ratio"] is None else f"{v['cpu_s_ratio']:.3f}"
+        same = "bit-identical" if v["bit_identical"] else f"max |diff| {v['max_abs_diff']:.3e}"
+        lines.append(f"{v['variant']} vs {v['base']} at batch {v['batch_size']}: prompts/s x"
+                     f"{v['prompts_per_s_ratio']:.3f}, CPU s x{cpu}, scores {same}")
     if check.get("nonfinite_scores"):
         lines.append(f"warning: {check['nonfinite_scores']} memscan scores are not finite")
     return "\n".join(lines)
@@ -376,14 +445,27 @@ def _rate(value: float) -> str:
     return f"{value:.3g}" if value < 100 else f"{value:.0f}"
 
 
-def _batch_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from exc
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError("batch sizes must be >= 1")
+def _batch_sizes(text: str) -> list[int | str]:
+    """`8,16,auto`: integers >= 1 and `auto` (memscan.models.batching)."""
+    sizes: list[int | str] = []
+    for value in (v.strip().lower() for v in text.split(",") if v.strip()):
+        if value == "auto":
+            sizes.append(value)
+        elif value.isdigit() and int(value) >= 1:
+            sizes.append(int(value))
+        else:
+            raise argparse.ArgumentTypeError(f"batch sizes are integers >= 1 or auto, got {value!r}")
+    if not sizes:
+        raise argparse.ArgumentTypeError("no batch size given")
     return sizes
+
+
+def _variants(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"variants are {', '.join(VARIANTS)}; got {text!r}")
+    return list(dict.fromkeys(names))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -404,7 +486,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "falls back to a built-in list when unreadable")
     parser.add_argument("--n-noise", type=int, default=1, help="noise samples per prompt (n)")
     parser.add_argument("--batch-size", type=_batch_sizes, default=[16],
-                        help="memscan prompts per UNet call; a comma list (8,16,32) times each")
+                        help="memscan prompts per UNet call; a comma list (8,16,32,auto) times each")
+    parser.add_argument("--variants", type=_variants, default=["default"],
+                        help=f"memscan speed options to time, each at every batch size, compared with the "
+                        f"first: {', '.join(VARIANTS)}")
     parser.add_argument("--warmup-prompts", type=int, default=0,
                         help="prompts of memscan's untimed warm-up (0: one batch)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
@@ -417,6 +502,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-tf32", action="store_true",
                         help="CUDA fp32: no TF32 convolutions/matmuls (exact fp32 for the equality check)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-': stdout only)")
+    parser.add_argument("--save-scores", type=int, default=32, metavar="K",
+                        help="the JSON keeps the scores of the first K prompts of every memscan row "
+                        "(to compare runs, e.g. bf16 with fp32 on the same seeded weights)")
     args = parser.parse_args(argv)
     if args.prompts < 1 or args.reference_prompts < 0 or args.n_noise < 1 or args.threads < 1:
         parser.error("--prompts, --n-noise and --threads must be >= 1, --reference-prompts >= 0")
