@@ -173,7 +173,7 @@ def test_parquet_on_a_bucket_is_read_in_place_and_single_file_output_too(
     _assert_same_rows(pd.read_parquet(pa.BufferReader(s3.get("single/scores.parquet"))), reference)
 
 
-@pytest.mark.slow  # a subprocess that imports torch and is killed, ~25 s on two busy cores
+@pytest.mark.slow  # a subprocess that imports torch and is killed: 31 s on two busy cores
 def test_sigkill_mid_run_on_a_bucket_then_rerun_equals_uninterrupted(
     s3: S3, inputs: dict[str, str], tiny_model_dir: Path, reference: pd.DataFrame
 ) -> None:
@@ -200,7 +200,7 @@ def test_sigkill_mid_run_on_a_bucket_then_rerun_equals_uninterrupted(
     _assert_same_rows(_merged(run, s3, "killed"), reference)
 
 
-@pytest.mark.slow  # two subprocesses that import torch, ~25 s on two busy cores
+@pytest.mark.slow  # two subprocesses that import torch: 43 s on two busy cores
 def test_two_starters_race_on_an_empty_prefix_and_share_the_run(
     s3: S3, inputs: dict[str, str], tiny_model_dir: Path, reference: pd.DataFrame
 ) -> None:
@@ -217,7 +217,7 @@ def test_two_starters_race_on_an_empty_prefix_and_share_the_run(
     _assert_same_rows(_merged(run, s3, "ranks"), reference)
 
 
-@pytest.mark.slow  # two spawned worker processes import torch, ~20 s
+@pytest.mark.slow  # two spawned worker processes import torch: 43 s on two busy cores
 def test_worker_processes_share_a_bucket_run_directory(
     s3: S3, inputs: dict[str, str], tiny_model_dir: Path, reference: pd.DataFrame
 ) -> None:
@@ -225,23 +225,6 @@ def test_worker_processes_share_a_bucket_run_directory(
     outcome = run_detect(inputs["csv"], run, _settings(tiny_model_dir), RunOptions(shard_size=SHARD), workers=2)
     assert outcome.exit_code == 0 and outcome.summary["done"] == 6
     _assert_same_rows(_merged(run, s3, "pool"), reference)
-
-
-@pytest.mark.slow  # Ray starts a local cluster, ~30 s
-def test_ray_actors_on_a_bucket_need_no_shared_filesystem(
-    s3: S3, inputs: dict[str, str], tiny_model_dir: Path, reference: pd.DataFrame
-) -> None:
-    ray = pytest.importorskip("ray")
-    run = s3.url("ray/")
-    try:
-        outcome = run_detect(inputs["csv"], run, _settings(tiny_model_dir), RunOptions(shard_size=SHARD),
-                             executor="ray", workers=2)
-    finally:
-        ray.shutdown()
-    assert outcome.exit_code == 0 and outcome.summary["done"] == 6
-    workers = {json.loads(s3.get(k))["worker"] for k in s3.keys("ray/stats/")}
-    assert len(workers) == 2
-    _assert_same_rows(_merged(run, s3, "ray"), reference)
 
 
 # ------------------------------------------------------------------------- the manifest race
@@ -337,3 +320,106 @@ def test_bad_stores_are_one_line_exit_4_and_lose_nothing(
         result = runner.invoke(app, ["merge", run, "-o", s3.url("kept-merged.parquet"), *denied])
         assert "permission denied" in _one_line(result, EXIT_INPUT)
     assert {k: s3.get(k) for k in s3.keys("kept/")} == kept  # every finished object is still there, unchanged
+
+
+# ------------------------------------------------------------------------- the README's nightly audit
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _section(title: str) -> str:
+    text = README.read_text(encoding="utf-8")
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def _blocks(section: str, language: str) -> list[str]:
+    parts = section.split(f"```{language}\n")[1:]
+    return [part.split("```", 1)[0] for part in parts]
+
+
+def _argv(command: str, subs: dict[str, str], *, today: str = "2026-11-30", yesterday: str = "2026-11-29") -> list[str]:
+    """The argv `memscan` gets from one README command, as bash expands it (cron's \\% included), with
+    `chronic` passing through, `date` answering for the given night, and `subs` applied first."""
+    for old, new in subs.items():
+        command = command.replace(old, new)
+    prelude = (
+        'chronic() { "$@"; }; memscan() { printf "%s\\0" memscan "$@"; }; '
+        f'date() {{ case "$*" in *yesterday*) echo {yesterday};; *) echo {today};; esac; }}; '
+    )
+    out = subprocess.run(["bash", "-c", prelude + command], capture_output=True, text=True, check=True).stdout
+    return out.split("\0")[:-1]
+
+
+@pytest.fixture(scope="module")
+def captions(s3: S3, prompts: Path) -> pd.DataFrame:
+    """The README's data: Parquet with `key` and `caption` columns."""
+    return pd.read_csv(prompts, keep_default_na=False).rename(columns={"prompt": "caption"})
+
+
+def _put_parquet(s3: S3, key: str, frame: pd.DataFrame) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
+    s3.put(key, sink.getvalue().to_pybytes())
+
+
+def test_the_readme_nightly_crontab_line_mails_only_news(
+    s3: S3, captions: pd.DataFrame, tiny_model_dir: Path, reference: pd.DataFrame,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(storage.ENV_OPTIONS, os.environ[storage.ENV_OPTIONS])
+    [cron] = _blocks(_section("Nightly audits"), "cron")
+    line = next(row for row in cron.splitlines() if row and not row.startswith("#"))
+    command = line.split(None, 5)[5]  # after the five schedule fields
+    scores = np.sort(reference.loc[reference["status"] == "ok", "score"].to_numpy())
+    threshold = float((scores[len(scores) // 2] + scores[len(scores) // 2 + 1]) / 2)  # between two scores
+    root = s3.url("nightly/")
+    subs = {"s3://data/": f"{root}data/", "s3://audits/": f"{root}audits/",
+            "--model sd-v1-4": f"--model {tiny_model_dir} --device cpu --batch-size 16 --shard-size 40 "
+                               f"--threshold {threshold!r}"}
+    _put_parquet(s3, "nightly/data/captions/part-0.parquet", captions.iloc[:80])
+    first = _argv(command, subs, today="2026-11-29")
+    previous = first.index("--previous")
+    first = first[:previous] + first[previous + 2:]
+    first.remove("--fail-on-new-flagged")  # the first night, as the README says
+    assert first[0] == "memscan"
+    night1 = runner.invoke(app, first[1:])
+    assert night1.exit_code == 0, night1.output
+
+    _put_parquet(s3, "nightly/data/captions/part-1.parquet", captions.iloc[80:])  # the data grew
+    night2 = runner.invoke(app, _argv(command, subs)[1:])
+    added = reference.set_index("prompt_id").loc[[f"k{i:04d}" for i in range(80, ROWS)]]
+    newly = int((added["score"] > threshold).sum())
+    assert newly > 0 and night2.exit_code == 10, night2.output  # news: cron mails
+    summary = json.loads(s3.get("nightly/audits/memscan/2026-11-30/summary.json"))
+    assert summary["changes"]["newly_flagged"] == newly and summary["changes"]["added"] == ROWS - 80
+
+    night3 = runner.invoke(app, _argv(command, subs, today="2026-12-01", yesterday="2026-11-30")[1:])
+    assert night3.exit_code == 0, night3.output  # the same flags as last night: silence
+    changes = json.loads(s3.get("nightly/audits/memscan/2026-12-01/summary.json"))["changes"]
+    assert changes["newly_flagged"] == 0 and changes["still_flagged"] == summary["flagged"]
+
+
+@pytest.mark.slow  # Ray starts a local cluster: 38 s
+def test_the_readme_ray_on_a_bucket_recipe_needs_no_shared_filesystem(
+    s3: S3, captions: pd.DataFrame, tiny_model_dir: Path, reference: pd.DataFrame
+) -> None:
+    ray = pytest.importorskip("ray")
+    [recipe] = _blocks(_section("Nightly audits"), "bash")
+    commands = [row for row in recipe.splitlines() if row.strip() and not row.startswith("pip install")]
+    assert len(commands) == 3
+    root = s3.url("ray-recipe/")
+    _put_parquet(s3, "ray-recipe/data/captions/part-0.parquet", captions)
+    subs = {"s3://data/": f"{root}data/", "s3://audits/": f"{root}audits/", "--workers 16": "--workers 2",
+            "--model sd-v1-4": f"--model {tiny_model_dir} --device cpu --batch-size 16 --shard-size 40"}
+    try:
+        for command in commands:
+            result = runner.invoke(app, _argv(command, subs)[1:])
+            assert result.exit_code == 0, result.output
+    finally:
+        ray.shutdown()
+    stats = s3.keys("ray-recipe/audits/memscan/2026-11-30/stats/")
+    assert len(stats) == 3 and len({json.loads(s3.get(k))["worker"] for k in stats}) == 2  # two actors
+    merged = pd.read_parquet(pa.BufferReader(s3.get("ray-recipe/audits/memscan/2026-11-30.parquet")))
+    _assert_same_rows(merged, reference)
