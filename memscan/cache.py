@@ -29,9 +29,11 @@ import hashlib
 import io
 import json
 import logging
+import os
 import uuid
 import weakref
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -88,12 +90,18 @@ def weights_digest(model: ScoringModel) -> str:
     known = _digests.get(unet)
     if known is not None and known[0] == id(encoder):
         return known[1]
+    def tensor_digest(tensor: torch.Tensor) -> bytes:  # hashlib lets go of the GIL: tensors hash in parallel
+        flat = tensor.detach().contiguous().reshape(-1)
+        return hashlib.blake2b(flat.view(torch.uint8).cpu().numpy(), digest_size=16).digest()
+
+    named = [(f"{part}.{name.removeprefix('_orig_mod.')}", tensor)
+             for part, module in (("unet", unet), ("text_encoder", encoder))
+             for name, tensor in sorted(module.state_dict().items())]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        parts = list(pool.map(tensor_digest, [tensor for _, tensor in named]))
     digest = hashlib.blake2b(digest_size=16)
-    for part, module in (("unet", unet), ("text_encoder", encoder)):
-        for name, tensor in sorted(module.state_dict().items()):
-            flat = tensor.detach().contiguous().reshape(-1)
-            digest.update(f"{part}.{name.removeprefix('_orig_mod.')}:{flat.dtype}:{tuple(tensor.shape)}".encode())
-            digest.update(flat.view(torch.uint8).cpu().numpy())
+    for (name, tensor), part in zip(named, parts, strict=True):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:".encode() + part)
     _digests[unet] = (id(encoder), digest.hexdigest())
     return _digests[unet][1]
 
@@ -162,15 +170,14 @@ class ScoreCache:
 
     Unbound, it answers `info()` and `compact()` for the whole store."""
 
-    def __init__(self, url: str | Path, *, storage_options: dict[str, Any] | None = None) -> None:
-        from fsspec.core import url_to_fs
+    def __init__(self, url: str | Path) -> None:
+        from memscan import storage
 
         self.url = str(url)
-        try:
-            self.fs, root = url_to_fs(self.url, **(storage_options or {}))
-        except (ImportError, ValueError) as exc:
-            raise CacheError(f"cannot open cache {self.url}: {one_line(exc)}") from None
-        self.root = root.rstrip("/")
+        # the storage options in force (--storage-option, MEMSCAN_STORAGE_OPTIONS); a missing
+        # filesystem package is one line naming the extra (exit 2)
+        self.fs, root = storage.filesystem(self.url)
+        self.root = root.rstrip("/") or root
         self.fingerprint: str | None = None
         self.facts: dict[str, Any] = {}
         self.columns: tuple[str, ...] = ()
@@ -197,19 +204,36 @@ class ScoreCache:
         return path if self.local else self.fs.unstrip_protocol(path)
 
     def check(self) -> None:
-        """Before any work: the store can be listed and, when local, written (else CacheError/OutputError)."""
-        try:
-            if self.fs.exists(self.root) and not self.fs.isdir(self.root):
+        """Before any work: the store can be listed and written (unreachable endpoint, missing bucket,
+        denied credentials, a file in the way: one line, exit 4)."""
+        from memscan import storage
+
+        with storage.storage_errors(f"cache {self.url}", "read", CacheError):
+            kind = self._kind(self.root)
+            if kind == "file":
                 raise CacheError(f"cache {self.url} is a file, not a folder")
+            if kind is None and not self.local and storage.protocol_of(self.url) in storage.EXTRAS:
+                bucket = self.root.split("/", 1)[0]
+                if bucket and self._kind(bucket) is None:
+                    raise CacheError(f"cache {self.url}: no bucket or container {bucket!r}")
             self.fingerprints()
-        except CacheError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - unreachable endpoint, missing bucket, denied credentials
-            raise CacheError(f"cannot read cache {self.url}: {one_line(exc, with_type=True)}") from None
         if self.local:
             from memscan.outputs import check_writable_location
 
             check_writable_location(Path(self.root), what="cache", inside=True)
+            return
+        probe = self._join(f".memscan-probe-{uuid.uuid4().hex[:12]}")  # an object store says no only on a write
+        with storage.storage_errors(f"cache {self.url}", "write", OutputError):
+            self.fs.pipe_file(probe, b"")
+            self.fs.rm_file(probe)
+
+    def _kind(self, path: str) -> str | None:
+        """'file', 'directory' or None: asked with info (fsspec's exists answers False to any error)."""
+        self.fs.invalidate_cache(path)
+        try:
+            return str(self.fs.info(path).get("type"))
+        except FileNotFoundError:
+            return None
 
     def fingerprints(self) -> list[str]:
         """The fingerprint folders in the store, sorted."""
@@ -400,7 +424,7 @@ class ScoreCache:
         """Fingerprints (with what they score), rows, segments and bytes; rows count stored rows (a key
         stored by two concurrent runs counts twice until `compact`)."""
         try:
-            if not self.fs.exists(self.root):
+            if self._kind(self.root) != "directory":
                 raise CacheError(f"no cache at {self.url}")
             fingerprints = self.fingerprints()
             entries = []

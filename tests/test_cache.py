@@ -4,11 +4,13 @@ appends and compaction, info, corrupt segments, run directories and the CLI."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import tiny_scoring_model
@@ -283,3 +285,84 @@ def test_memory_url_cache(tiny_model: ScoringModel, tmp_path: Path, scored_rows:
     second = _run(prompts, tmp_path / "2.parquet", tiny_model, url)
     assert sum(scored_rows) == 0 and second.summary["cache"]["reused"] == 5
     assert ScoreCache(url).info()["rows"] == 5
+
+
+# ------------------------------------------------------------------------- on a real S3 endpoint
+
+
+@pytest.fixture(scope="module")
+def s3():  # type: ignore[no-untyped-def]
+    """A bucket on moto's S3 server (memscan reaches it through MEMSCAN_STORAGE_OPTIONS)."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from _s3 import s3_bucket
+
+    with s3_bucket("cache") as bucket:
+        yield bucket
+
+
+def test_two_concurrent_runs_share_a_cache_on_s3(s3, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cache = s3.url("team/memscan-cache/")
+    _prompts(tmp_path / "a.csv", 16)
+    pd.concat([pd.read_csv(tmp_path / "a.csv").iloc[8:], pd.read_csv(_prompts(tmp_path / "x.csv", 8, start=16))]
+              ).to_csv(tmp_path / "b.csv", index=False)
+    models = [tiny_scoring_model("epsilon"), tiny_scoring_model("epsilon")]
+    start, results, errors = threading.Barrier(2), {}, []
+
+    def audit(name: str, model: ScoringModel) -> None:
+        try:
+            start.wait()
+            results[name] = _run(tmp_path / f"{name}.csv", tmp_path / f"{name}.parquet", model, cache)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=audit, args=pair) for pair in zip("ab", models, strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert results["a"].summary["cache"]["segment"].startswith(cache)
+    result = ScoreCache(cache).compact()
+    assert (result["segments_before"], result["segments_after"], result["rows_after"]) == (2, 1, 24)
+    [key] = [k for k in s3.keys("team/memscan-cache/") if k.rsplit("/", 1)[-1].startswith("seg-")]
+    keys = pq.read_table(pa.BufferReader(s3.get(key))).column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 24  # every key exactly once
+    again = _run(tmp_path / "a.csv", tmp_path / "a2.parquet", models[0], cache)
+    assert again.summary["cache"]["reused"] == 16 and again.summary["cache"]["scored"] == 0
+    info = runner.invoke(app, ["cache", "info", cache, "--json"])
+    assert info.exit_code == 0 and json.loads(info.stdout)["rows"] == 24
+
+
+def test_bad_cache_stores_on_s3_are_one_line_exit_4_and_lose_nothing(
+    s3, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scored_rows: list[int]
+) -> None:  # type: ignore[no-untyped-def]
+    prompts = _prompts(tmp_path / "p.csv", 4)
+    cache = s3.url("bad/cache/")
+    args = ["detect", str(prompts), "--model", str(tiny_model_dir), "--batch-size", "4"]
+    assert runner.invoke(app, [*args, "-o", str(tmp_path / "1.parquet"), "--cache", cache]).exit_code == 0
+    kept = {k: s3.get(k) for k in s3.keys("bad/cache/")}
+
+    def one_line(result, *, loaded: bool = False) -> str:  # type: ignore[no-untyped-def]
+        """The error line; before the model loads it is all there is, after it the progress lines precede it."""
+        assert result.exit_code == 4, result.output
+        lines = result.stderr.strip().splitlines()
+        assert ("model loaded" in result.stderr) == loaded, result.stderr
+        assert len(lines) == (3 if loaded else 1) and lines[-1].startswith("memscan: error:"), result.stderr
+        return lines[-1]
+
+    missing = runner.invoke(app, [*args, "-o", str(tmp_path / "2.parquet"), "--cache", "s3://no-such-bucket-memscan/c/"])
+    assert "no bucket or container 'no-such-bucket-memscan'" in one_line(missing)
+    [segment] = [k for k in kept if k.rsplit("/", 1)[-1].startswith("seg-")]
+    bad = segment.rsplit("/", 1)[0] + "/seg-29990101T000000000000Z-badbadbadbad.parquet"
+    s3.put(bad, b"PAR1 this is not parquet")
+    scored_rows.clear()
+    corrupt = runner.invoke(app, [*args, "-o", str(tmp_path / "3.parquet"), "--cache", cache])
+    assert f"{s3.url(bad)} is corrupt" in one_line(corrupt, loaded=True) and sum(scored_rows) == 0
+    s3.fs.rm_file(f"{s3.bucket}/{bad}")
+    options = json.loads(os.environ["MEMSCAN_STORAGE_OPTIONS"])
+    monkeypatch.setenv("MEMSCAN_STORAGE_OPTIONS", json.dumps({**options, "s3.endpoint_url": "http://127.0.0.1:1"}))
+    unreachable = runner.invoke(app, [*args, "-o", str(tmp_path / "4.parquet"), "--cache", cache])
+    assert "cannot reach the store" in one_line(unreachable)
+    assert not any((tmp_path / f"{n}.parquet").exists() for n in (2, 3, 4))
+    assert {k: s3.get(k) for k in s3.keys("bad/cache/")} == kept  # nothing the cache held is lost
