@@ -812,9 +812,10 @@ def confirm_cmd(
     model: Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, or hub id (with a VAE).")] = "demo",
     k: Annotated[int, typer.Option("--k", "-k", help="Generations per prompt, from seeds SEED, SEED+1, ...")] = 4,
     embedder: Annotated[str, typer.Option(help="Image similarity: pixel (downsampled pixels), vae (the model's own VAE latents), or a CLIP/DINO vision model, a folder or cached hub id (cosine).")] = "vae",
-    threshold: Annotated[float | None, typer.Option(help="Near-duplicate distance (default per embedder: pixel 0.1, vae 0.25, a model 0.1).")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Near-duplicate distance (default per embedder: pixel 0.018, vae 0.054, a model 0.05 cosine).")] = None,
     min_cluster: Annotated[int | None, typer.Option("--min-cluster", help="Generations that must be one image (or match one training image) (default: half of k, at least 2).")] = None,
     train_images: Annotated[Path | None, typer.Option("--train-images", help="Training images to match: a folder of images, a .parquet (image bytes column) or an .npz (images array).")] = None,
+    train_roundtrip: Annotated[bool, typer.Option("--train-roundtrip/--no-train-roundtrip", help="Compare generations with the training images' round trip through the model's VAE (the closest image it can make), not the raw images.")] = True,
     contact_sheet: Annotated[Path | None, typer.Option("--contact-sheet", help="Also write an HTML page of each prompt's generations and its training match.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the first generation.")] = 0,
     steps: Annotated[int, typer.Option(help="DDIM steps.")] = 50,
@@ -847,6 +848,7 @@ def confirm_cmd(
                                   store_prompt=store_prompt),
             k=k, seed=seed, steps=steps, guidance=guidance, batch_size=batch_size, embedder=embedder,
             threshold=threshold, min_cluster=min_cluster, train_images=None if train_images is None else str(train_images),
+            train_roundtrip=train_roundtrip,
         )
         output = output or _default_output(input_path).name.removesuffix(".scores.parquet") + ".labels.csv"
         if not file_output(output):
@@ -877,7 +879,8 @@ def confirm_cmd(
         _say(f"{s['rows']} rows: {s['memorized']} memorized, {s['not_memorized']} not memorized, "
              f"{s['skipped_empty']} empty, {s['failed_rows']} failed; threshold {s['threshold']:g} ({s['embedder']}, "
              f"{s['metric']}), k {s['k']}, min_cluster {s['min_cluster']}; decision distance: memorized up to "
-             f"{gap['memorized_max']}, not memorized from {gap['not_memorized_min']} -> {s['output']}"
+             f"{gap['memorized_max']}, not memorized from {gap['not_memorized_min']}, {gap['near_threshold']} "
+             f"within 2x of the threshold -> {s['output']}"
              + (f", {s['contact_sheet']}" if s["contact_sheet"] else ""))
 
 

@@ -169,13 +169,22 @@ def test_confirmer_measures_training_images_through_the_vae(vae_model: ScoringMo
     """A training set holding one prompt's own two generations: each generation has an exact match, and
     the rule's train distance (the 2nd generation's distance to the best training image) is the
     distance between the two generations, all in the VAE's latent space."""
+    from dataclasses import replace
+
+    from memscan.confirm.core import vae_roundtrip
 
     prompts = ["a photo of a cat", "the mona lisa"]
     gens = generate_images(vae_model, prompts[:1], k=2, seed=3, steps=2, batch_size=4)[0]
     np.savez(tmp_path / "train.npz", images=gens, image_ids=np.array(["cat0", "cat1"]))
-    settings = ConfirmSettings(embedder="vae", seed=3, threshold=1e-3, train_images=str(tmp_path / "train.npz"), **FAST)
+    settings = ConfirmSettings(embedder="vae", seed=3, threshold=1e-3, train_images=str(tmp_path / "train.npz"),
+                               train_roundtrip=False, **FAST)
     confirmer = Confirmer(vae_model, settings)
     assert isinstance(confirmer.embedder, VaeEmbedder)
+    # by default the training images are compared through the model's VAE round trip
+    roundtrip = Confirmer(vae_model, replace(settings, train_roundtrip=True))
+    np.testing.assert_allclose(roundtrip.train_vectors, confirmer.embedder.embed(vae_roundtrip(vae_model, gens)),
+                               rtol=1e-5, atol=1e-5)
+    assert np.abs(roundtrip.train_vectors - confirmer.train_vectors).max() > 1e-2
     rows = confirmer.confirm_frame(pd.DataFrame({"prompt_id": ["a", "b", "c"], "prompt": [*prompts, " "]}))
     assert rows["status"].tolist() == ["ok", "ok", "skipped_empty"] and rows["label"].isna().tolist() == [0, 0, 1]
     cat = rows.loc[0]
@@ -290,3 +299,40 @@ def test_cli_errors_are_one_line(vae_model_dir: Path, tmp_path: Path) -> None:
     assert missing.exit_code == 4 and "--train-images" in missing.stderr
     small_k = runner.invoke(app, ["confirm", str(prompts), "--k", "1", "-o", str(tmp_path / "y.csv")])
     assert small_k.exit_code == 2 and "--k must be >= 2" in small_k.stderr
+
+
+def test_a_failing_prompt_is_a_row_and_retry_errors_labels_it_again(
+    vae_model: ScoringModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import memscan.confirm.core as core
+    from memscan.confirm.run import ConfirmJob
+
+    real = core.generate_images
+
+    def flaky(model: ScoringModel, prompts: list[str], **kwargs: object) -> np.ndarray:
+        if "boom" in prompts:
+            raise RuntimeError("decoder exploded")
+        return real(model, prompts, **kwargs)
+
+    settings = ConfirmSettings(embedder="pixel", batch_size=8, k=2, steps=2).resolved()
+    frame = pd.DataFrame({"prompt_id": ["a", "b", "c"], "prompt": ["a photo of a cat", "boom", "the mona lisa"]})
+    monkeypatch.setattr(core, "generate_images", flaky)
+    confirmer = Confirmer(vae_model, settings)
+    rows = confirmer.confirm_frame(frame)
+    assert rows["status"].tolist() == ["ok", "error", "ok"]
+    assert rows.loc[1, "error"] == "RuntimeError: decoder exploded" and pd.isna(rows.loc[1, "label"])
+    monkeypatch.setattr(core, "generate_images", real)
+
+    class Holder:  # what ConfirmJob keeps its Confirmer with (a worker's scorer)
+        model = vae_model
+
+    job, holder = ConfirmJob(settings), Holder()
+    fixed, counts = job.redo_failed(holder, frame, rows)  # type: ignore[arg-type]
+    assert fixed["status"].tolist() == ["ok", "ok", "ok"] and fixed["label"].notna().all()
+    assert fixed.loc[0, "cluster_distance"] == rows.loc[0, "cluster_distance"]  # good rows kept as they were
+    assert counts["failed_rows"] == 0 and counts["memorized"] + counts["not_memorized"] == 3
+    assert fixed["largest_cluster"].dtype == "Int32" and fixed["cluster_distance"].dtype == np.float32
+    from memscan.confirm.core import output_schema
+    from memscan.io.scores import to_table
+
+    assert to_table(fixed, output_schema(), {}).num_rows == 3  # the shard is writable as it is
