@@ -126,6 +126,7 @@ def test_parquet_planning_reads_only_the_footer_from_the_store(s3: S3, tmp_path:
     planning = sum(fetched)
     print(f"planning read {planning} of {size} bytes ({planning / size:.2%})")
     assert planning < 0.02 * size, (planning, size)
+    assert len(fetched) == 1  # one range request: the footer, read once for the columns and the count
     fetched.clear()
     frame = source.read_range(rows // 2, rows // 2 + 10)  # inside one row group: only its pages
     assert frame["prompt"].tolist() == texts[rows // 2: rows // 2 + 10]

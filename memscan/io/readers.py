@@ -129,6 +129,7 @@ class PromptSource:
         if self.path.is_dir():
             raise InputError(f"{self.path}: is a directory, not a prompt file")
         self.fmt, self.compressed = _format_of(self.path, fmt)
+        self._footer: pq.FileMetaData | None = None  # a Parquet file's footer, read once
         self.keep_columns: tuple[str, ...] = tuple(keep_columns)
         self.id_column = id_column
         self._delimiter = "\t" if self.fmt == "tsv" else ","
@@ -434,8 +435,10 @@ class PromptSource:
 
     @contextmanager
     def _parquet_file(self) -> Iterator[pq.ParquetFile]:
-        """The Parquet file: the local path as before, a URL by byte ranges (the footer alone to plan)."""
-        with storage.parquet_source(self.path) as source, pq.ParquetFile(source) as parquet:
+        """The Parquet file: the local path as before, a URL by byte ranges (the footer alone to plan).
+        The footer is read once and reused: on a store each read of it is a request."""
+        with storage.parquet_source(self.path) as source, pq.ParquetFile(source, metadata=self._footer) as parquet:
+            self._footer = parquet.metadata
             yield parquet
 
     def _open_text(self) -> IO[str]:
