@@ -173,6 +173,20 @@ def test_parquet_on_a_bucket_is_read_in_place_and_single_file_output_too(
     _assert_same_rows(pd.read_parquet(pa.BufferReader(s3.get("single/scores.parquet"))), reference)
 
 
+def test_a_run_directory_in_memory_equals_the_local_run(
+    prompts: Path, tiny_model_dir: Path, reference: pd.DataFrame
+) -> None:
+    """memory:// (fsspec's in-process store: no rename, no locks, like a bucket) holds a run too."""
+    run = "memory://memscan-runs/audit/"
+    outcome = run_detect(prompts, run, _settings(tiny_model_dir), RunOptions(shard_size=SHARD))
+    assert outcome.exit_code == 0 and outcome.summary["done"] == 6
+    merge_run(run, "memory://memscan-runs/merged.parquet")
+    merged = pd.read_parquet(pa.BufferReader(storage.RemotePath("memory://memscan-runs/merged.parquet").read_bytes()))
+    _assert_same_rows(merged, reference)
+    again = run_detect(prompts, run, _settings(tiny_model_dir), RunOptions(shard_size=SHARD))
+    assert again.summary["attempt"]["shards_processed"] == 0
+
+
 @pytest.mark.slow  # a subprocess that imports torch and is killed: 31 s on two busy cores
 def test_sigkill_mid_run_on_a_bucket_then_rerun_equals_uninterrupted(
     s3: S3, inputs: dict[str, str], tiny_model_dir: Path, reference: pd.DataFrame
