@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 from pathlib import Path
 
@@ -366,3 +367,61 @@ def test_bad_cache_stores_on_s3_are_one_line_exit_4_and_lose_nothing(
     assert "cannot reach the store" in one_line(unreachable)
     assert not any((tmp_path / f"{n}.parquet").exists() for n in (2, 3, 4))
     assert {k: s3.get(k) for k in s3.keys("bad/cache/")} == kept  # nothing the cache held is lost
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _nightly_cron() -> list[str]:
+    """The commands of the README's "Nightly audits" crontab (after the five schedule fields)."""
+    text = README.read_text(encoding="utf-8")
+    start = text.index("\n## Nightly audits\n")
+    block = text[start:text.find("\n## ", start + 1)].split("```cron\n")[1].split("```", 1)[0]
+    return [row.split(None, 5)[5] for row in block.splitlines() if row and not row.startswith("#")]
+
+
+def _argv(command: str, subs: dict[str, str], today: str, yesterday: str) -> list[str]:
+    """memscan's argv for one crontab command as bash expands it (\\% included): `chronic` passes
+    through, `date` answers for the night."""
+    for old, new in subs.items():
+        command = command.replace(old, new)
+    prelude = ('chronic() { "$@"; }; memscan() { printf "%s\\0" "$@"; }; '
+               f'date() {{ case "$*" in *yesterday*) echo {yesterday};; *) echo {today};; esac; }}; ')
+    out = subprocess.run(["bash", "-c", prelude + command], capture_output=True, text=True, check=True).stdout
+    return out.split("\0")[:-1]
+
+
+def test_the_readme_nightly_crontab_reuses_the_cache_and_compacts_it(
+    s3, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("MEMSCAN_STORAGE_OPTIONS", os.environ["MEMSCAN_STORAGE_OPTIONS"])
+    detect_line, compact_line = _nightly_cron()
+    assert "--cache" in detect_line and compact_line.startswith("chronic memscan cache compact")
+    root = s3.url("readme/")
+    subs = {"s3://data/": f"{root}data/", "s3://audits/": f"{root}audits/",
+            "--model sd-v1-4": f"--model {tiny_model_dir} --device cpu --batch-size 16 --shard-size 20"}
+    texts = [f"a {('red', 'blue')[i % 2]} kite over hill {i}" if i % 9 else "" for i in range(60)]
+    captions = pd.DataFrame({"key": [f"k{i:03d}" for i in range(60)], "caption": texts})
+
+    def put(name: str, frame: pd.DataFrame) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
+        s3.put(f"readme/data/captions/{name}", sink.getvalue().to_pybytes())
+
+    put("part-0.parquet", captions.iloc[:40])
+    first = _argv(detect_line, subs, "2026-11-29", "2026-11-28")
+    at = first.index("--previous")
+    first = [a for a in first[:at] + first[at + 2:] if a != "--fail-on-new-flagged"]  # the first night
+    assert first[0] == "detect" and runner.invoke(app, first).exit_code == 0
+    put("part-1.parquet", captions.iloc[40:])  # the data grew
+    night2 = runner.invoke(app, _argv(detect_line, subs, "2026-11-30", "2026-11-29"))
+    assert night2.exit_code == 0, night2.output
+    nights = [json.loads(s3.get(f"readme/audits/memscan/{d}/summary.json")) for d in ("2026-11-29", "2026-11-30")]
+    old_ok = sum(1 for t in texts[:40] if t)
+    assert nights[0]["cache"] == {"reused": 0, "scored": old_ok, "shards": 2}
+    assert nights[1]["cache"] == {"reused": old_ok, "scored": sum(1 for t in texts[40:] if t), "shards": 3}
+    assert "cache: 35 rows reused, 18 scored" in night2.stderr
+    compact = runner.invoke(app, _argv(compact_line, subs, "2026-11-30", "2026-11-29"))
+    assert compact.exit_code == 0, compact.output
+    info = ScoreCache(f"{root}audits/memscan-cache/").info()
+    assert (info["segments"], info["rows"]) == (1, sum(1 for t in texts if t))
