@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import regex
+import torch
 
 from memscan.errors import ModelError
 from memscan.models.tokenizer import (
@@ -188,3 +189,20 @@ def test_build_rejects_a_non_gzip_file(tmp_path):
     bogus.write_text("not gzip")
     with pytest.raises(ValueError, match="not a gzip-compressed"):
         build_tokenizer_files(bogus, tmp_path / "out")
+
+
+@pytest.mark.parametrize("pad_token", [EOS_TOKEN, SD2_PAD_TOKEN])
+def test_tokenize_equals_the_pipelines_padding_and_truncation(pad_token):
+    """memscan.models.text.tokenize pads in one BPE pass; the ids and mask must be the pipeline's own."""
+    from types import SimpleNamespace
+
+    from memscan.models.text import tokenize
+
+    tokenizer = load_clip_tokenizer(pad_token=pad_token)
+    prompts = ["", "a photo of a cat", "masterpiece, [blurry], a cat", "🐱 猫の写真 кошка", "word " * 200,
+               "x" * 10000, "a " * 74, "a " * 75, "a " * 76]
+    got = tokenize(SimpleNamespace(tokenizer=tokenizer), prompts)
+    want = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    assert torch.equal(got.input_ids, want.input_ids)
+    assert torch.equal(got.attention_mask, want.attention_mask)
+    assert got.truncated == [False, False, False, False, True, True, False, False, True]

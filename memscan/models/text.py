@@ -27,16 +27,29 @@ def tokenize(model: ScoringModel, prompts: Sequence[str], *, tokenizer: Any = No
     state on every call, so two threads must not share one)."""
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     max_length = tokenizer.model_max_length
-    batch = tokenizer(
-        list(prompts), padding="max_length", max_length=max_length, truncation=True,
-        return_tensors="pt",
-    )
-    full_lengths = [len(ids) for ids in tokenizer(list(prompts), truncation=False)["input_ids"]]
-    return TokenizedPrompts(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        truncated=[n > max_length for n in full_lengths],
-    )
+    texts = list(prompts)
+    # One BPE pass: the untruncated ids tell which prompts are cut, and the short ones are padded
+    # here exactly as `padding="max_length"` pads them (right, with the pad id, mask 1 then 0).
+    # The rare long prompts go through the tokenizer's own truncation, so the ids stay the pipeline's.
+    full = tokenizer(texts, truncation=False)["input_ids"]
+    truncated = [len(ids) > max_length for ids in full]
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None or tokenizer.padding_side != "right":
+        batch = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        return TokenizedPrompts(input_ids=batch.input_ids, attention_mask=batch.attention_mask, truncated=truncated)
+    input_ids = torch.full((len(texts), max_length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(texts), max_length), dtype=torch.long)
+    for row, ids in enumerate(full):
+        if not truncated[row]:
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+    long_rows = [row for row, cut in enumerate(truncated) if cut]
+    if long_rows:
+        cut = tokenizer([texts[row] for row in long_rows], padding="max_length", max_length=max_length,
+                        truncation=True, return_tensors="pt")
+        input_ids[long_rows] = cut.input_ids
+        attention_mask[long_rows] = cut.attention_mask
+    return TokenizedPrompts(input_ids=input_ids, attention_mask=attention_mask, truncated=truncated)
 
 
 def run_text_encoder(model: ScoringModel, tokens: TokenizedPrompts) -> Any:
