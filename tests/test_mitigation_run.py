@@ -94,7 +94,7 @@ def _counting_rewrites(monkeypatch: pytest.MonkeyPatch, fail_on: str | None = No
 
 
 def test_run_directory_gives_the_single_file_rows(
-    tiny_model_dir: Path, prompts: Path, target: float, tmp_path: Path
+    tiny_model_dir: Path, prompts: Path, target: float, single: tuple[pd.DataFrame, dict], tmp_path: Path
 ) -> None:
     settings = _settings(tiny_model_dir, target)
     outcome = run_mitigate(prompts, tmp_path / "run", settings, RunOptions(shard_size=4), interactive=False)
