@@ -150,15 +150,13 @@ def write_run_sheet(out_dir: str | Path, path: str | Path) -> Path:
     """The contact sheet of a complete confirm run directory, from its shards."""
     import json
 
-    import pyarrow.parquet as pq
-
     from memscan.confirm.sheet import write_contact_sheet
     from memscan.io.scores import METADATA_KEY
     from memscan.run.rundir import RunDirectory
 
     run = RunDirectory(out_dir)
     _, shards = run.plan()
-    tables = [pq.read_table(run.shard_path(s)) for s in shards if run.is_done(s)]
+    tables = [run.read_shard(s) for s in shards if run.is_done(s)]  # local or on a store
     if not tables or "sheet_png" not in tables[0].column_names:
         raise UsageError(f"{out_dir}: its shards hold no images; rerun confirm with --contact-sheet "
                          "and --if-exists overwrite")
