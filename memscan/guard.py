@@ -383,7 +383,8 @@ class Guard:
             result = optimise_embedding(scoring, prompt, self.target, steps=self.optimize_steps,
                                         lr=self.optimize_lr, verifier=verifier)
         d.embedding, d.prompt_used = result.embeds, None
-        d.score_after, d.score_verified, d.steps, d.resolved = result.score, result.verified, result.steps, result.resolved
+        d.score_after, d.score_verified = result.score, result.verified
+        d.steps, d.resolved = result.steps, result.resolved
 
     def _rewrite(self, d: PromptDecision, prompt: str, noise: torch.Tensor, shape: tuple[int, ...]) -> None:
         """memscan's text search (attribution, beam search, similarity floor) on this call's noise,
@@ -461,7 +462,9 @@ def _timesteps(model: ScoringModel, method: AnisotropyMethod) -> tuple[int, int]
                           f"at indices {method.t_hi_index} and {method.t_lo_index}") from exc
 
 
-def _as_scored(model: ScoringModel, out: torch.Tensor, latents: torch.Tensor, t: int, v_convention: str) -> torch.Tensor:
+def _as_scored(
+    model: ScoringModel, out: torch.Tensor, latents: torch.Tensor, t: int, v_convention: str
+) -> torch.Tensor:
     """A raw UNet output at timestep `t` as `unet_prediction` returns it (v -> epsilon unless raw)."""
     if model.profile.prediction_type != "v_prediction" or v_convention == "raw":
         return out
