@@ -383,6 +383,29 @@ def is_remote(spec: object) -> bool:
     return isinstance(spec, RemotePath) or (isinstance(spec, str) and is_url(spec))
 
 
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(spec: str) -> list[str]:
+    """Shell-style brace ranges and lists, as WebDataset shard names use them: `captions-{000..009}.tar`
+    (zero padding kept), `{a,b}`; several braces multiply. Text without a range or a list is itself."""
+    match = next((m for m in _BRACE.finditer(spec) if ".." in m.group(1) or "," in m.group(1)), None)
+    if match is None:
+        return [spec]
+    inner = match.group(1)
+    low, dots, high = inner.partition("..")
+    if dots and low.isdigit() and high.isdigit():
+        width = len(low) if low.startswith("0") or len(low) == len(high) else 0
+        step = 1 if int(high) >= int(low) else -1
+        choices = [str(n).zfill(width) for n in range(int(low), int(high) + step, step)]
+    elif "," in inner:
+        choices = inner.split(",")
+    else:  # `{..}` or `{x..y}` of non-numbers: literal text
+        return [spec[: match.end()] + rest for rest in expand_braces(spec[match.end():])]
+    head, tail = spec[: match.start()], spec[match.end():]
+    return [head + choice + rest for choice in choices for rest in expand_braces(tail)]
+
+
 def same_location(a: str | Path | RemotePath, b: str | Path | RemotePath) -> bool:
     """Two names of the same file or folder: URLs by their normalised text, local paths by inode or
     resolved path (see memscan.outputs)."""

@@ -1,4 +1,5 @@
-"""Read prompts from CSV, TSV, Parquet, JSONL or TXT files into one canonical DataFrame shape.
+"""Read prompts from CSV, TSV, Parquet, JSONL, TXT, WebDataset tar shards or Hugging Face `datasets`
+datasets into one canonical DataFrame shape.
 
 Every reader streams: text formats are parsed incrementally (optionally through gzip) and Parquet
 is read batch by batch with only the needed columns, so a file of any size runs in bounded memory.
@@ -13,6 +14,14 @@ Each batch has the columns
 Anything wrong with the input raises `InputError` with one line that names the file. A file is a
 local path or any fsspec URL (memscan.storage: s3://, gs://, az://, hf://, https://, memory://);
 Parquet over a URL is read by byte ranges, so counting rows reads the footer only.
+
+A WebDataset tar shard (`.tar`, `.tar.gz`) is one row per sample (consecutive members sharing a key,
+the member name up to the first dot of its base name): the caption is its `.txt` member, else the
+prompt/caption/text key of its `.json` member (`prompt_column` names a JSON key); ids are
+`SHARD:KEY`. The tar is streamed (`r|*`): only `.txt` and `.json` members are read out, images are
+skipped in the stream, nothing is extracted. `hf-dataset:NAME[:CONFIG][#SPLIT]` reads a Hugging Face
+dataset (split `train` unless named) streamed from the hub, or a local folder: a `save_to_disk` one,
+or one of data files; it needs the `datasets` package (`memscan[datasets]`).
 """
 
 from __future__ import annotations
@@ -21,11 +30,15 @@ import csv
 import gzip
 import io
 import json
+import os
+import posixpath
+import tarfile
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from itertools import islice
 from pathlib import Path
+from types import SimpleNamespace
 from typing import IO, Any, NamedTuple
 
 import pandas as pd
@@ -34,11 +47,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memscan import storage
-from memscan.errors import InputError, one_line
+from memscan.errors import InputError, UsageError, one_line
 from memscan.storage import Location
 
-FORMATS = ("csv", "tsv", "parquet", "jsonl", "txt")
+FORMATS = ("csv", "tsv", "parquet", "jsonl", "txt", "tar")
 _TEXT_FORMATS = frozenset({"csv", "tsv", "jsonl", "txt"})
+_GZIP_FORMATS = _TEXT_FORMATS | {"tar"}
 PROMPT_COLUMN_CANDIDATES = ("prompt", "caption", "text")  # auto-detection priority, any case
 OUTPUT_COLUMNS = ("prompt_id", "prompt", "row_index")
 CSV_DELIMITERS = (",", ";", "\t", "|")  # sniffed in this order of preference
@@ -46,6 +60,9 @@ CSV_DELIMITERS = (",", ";", "\t", "|")  # sniffed in this order of preference
 _SNIFF_BYTES = 1 << 16
 _SNIFF_ROWS = 50
 _JSONL_SCHEMA_RECORDS = 1000  # records whose keys make up a JSONL file's `columns`
+_TAR_SCHEMA_SAMPLES = 100  # samples whose .json keys make up a tar shard's `columns`
+_TAR_TEXT_MEMBERS = frozenset({"txt", "json"})  # the only members read out of a tar stream
+DATASET_PREFIX = "hf-dataset:"
 _CHUNK_BYTES = 1 << 20
 _ARROW_TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view, pa.types.is_null)
 
@@ -73,9 +90,9 @@ def _format_of(path: Location, fmt: str | None) -> tuple[str, bool]:
             supported = ", ".join(f".{f}" for f in FORMATS)
             raise InputError(
                 f"{path}: unsupported file extension {name}; supported: {supported} "
-                "(csv, tsv, jsonl, txt also gzip-compressed as .gz)"
+                "(csv, tsv, jsonl, txt, tar also gzip-compressed as .gz)"
             )
-    if compressed and fmt not in _TEXT_FORMATS:
+    if compressed and fmt not in _GZIP_FORMATS:
         raise InputError(f"{path}: gzip-compressed {fmt} is not supported; decompress it first")
     return fmt, compressed
 
@@ -123,12 +140,20 @@ class PromptSource:
         fmt: str | None = None,
         keep_columns: Sequence[str] = (),
     ) -> None:
-        self.path: Location = storage.location(path)
-        if not self.path.exists():
-            raise InputError(f"{self.path}: no such file")
-        if self.path.is_dir():
-            raise InputError(f"{self.path}: is a directory, not a prompt file")
-        self.fmt, self.compressed = _format_of(self.path, fmt)
+        self.path: Location | DatasetRef
+        self._data: Any = None  # a `datasets` dataset, loaded once
+        self._tar_has_txt = False  # a tar shard: some sample has a .txt member
+        self._tar_json_key: str | None = None  # a tar shard without --prompt-column: the JSON caption key
+        if is_dataset_spec(path):
+            self.path = path if isinstance(path, DatasetRef) else DatasetRef(str(path))
+            self.fmt, self.compressed = "dataset", False
+        else:
+            self.path = storage.location(path)  # type: ignore[arg-type]
+            if not self.path.exists():
+                raise InputError(f"{self.path}: no such file")
+            if self.path.is_dir():
+                raise InputError(f"{self.path}: is a directory, not a prompt file")
+            self.fmt, self.compressed = _format_of(self.path, fmt)
         self._footer: pq.FileMetaData | None = None  # a Parquet file's footer, read once
         self.keep_columns: tuple[str, ...] = tuple(keep_columns)
         self.id_column = id_column
@@ -200,6 +225,8 @@ class PromptSource:
         if self.fmt == "parquet":
             with self._input_errors(), self._parquet_file() as parquet:
                 return parquet.metadata.num_rows
+        if self.fmt == "dataset" and hasattr(self._data, "__len__"):
+            return len(self._data)  # a local saved dataset knows its length
         return sum(len(raw.prompts) for raw in self._raw_batches(65536, with_extras=False))
 
     def __repr__(self) -> str:
@@ -213,6 +240,14 @@ class PromptSource:
         if self.fmt == "parquet":
             with self._parquet_file() as parquet:
                 return list(parquet.schema_arrow.names)
+        if self.fmt == "tar":
+            return self._tar_columns()
+        if self.fmt == "dataset":
+            self._data = self.path.load()  # type: ignore[union-attr]
+            names = getattr(self._data, "column_names", None)
+            if names is None:  # a streamed dataset without declared features: its first example's keys
+                names = list(next(iter(self._data), {}))
+            return [str(name) for name in names]
         if self.fmt == "jsonl":
             names: dict[str, None] = {}
             with closing(self._jsonl_records()) as records:
@@ -251,7 +286,9 @@ class PromptSource:
         for candidate in PROMPT_COLUMN_CANDIDATES:
             for name in self.columns:
                 if name.strip().lower() == candidate:
-                    return name
+                    return name if self.fmt != "tar" else self._tar_auto(name)
+        if self.fmt == "tar":
+            return self._tar_auto(None)
         raise InputError(
             f"{self.path}: no prompt column found (looked for {', '.join(PROMPT_COLUMN_CANDIDATES)} "
             f"in any case); available: {available}; name one with prompt_column"
@@ -267,6 +304,8 @@ class PromptSource:
             "parquet": self._parquet_batches,
             "jsonl": self._jsonl_batches,
             "txt": self._txt_batches,
+            "tar": self._tar_batches,
+            "dataset": self._dataset_batches,
         }[self.fmt]
         with self._input_errors():
             yield from reader(rows, with_extras)
@@ -391,6 +430,140 @@ class PromptSource:
         if batch:
             yield _RawBatch(batch, None, None)
 
+    # ----------------------------------------------------------------- WebDataset tar shards
+
+    def _tar_samples(self) -> Iterator[tuple[str, dict[str, tuple[str, bytes]]]]:
+        """(key, {ext: (member name, bytes)}) per sample: consecutive members sharing a key. The tar
+        is streamed; only .txt and .json members are read out, the others pass by in the stream."""
+        with self._open() as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            key: str | None = None
+            parts: dict[str, tuple[str, bytes]] = {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, base = posixpath.split(member.name.removeprefix("./"))
+                stem, dot, ext = base.partition(".")
+                if not dot or not stem:
+                    continue  # no extension, or a hidden file: no sample's member
+                name = posixpath.join(folder, stem) if folder else stem
+                if name != key:
+                    if key is not None:
+                        yield key, parts
+                    key, parts = name, {}
+                ext = ext.lower()
+                if ext in _TAR_TEXT_MEMBERS:
+                    handle = tar.extractfile(member)
+                    parts[ext] = (member.name, handle.read() if handle is not None else b"")
+            if key is not None:
+                yield key, parts
+
+    def _tar_columns(self) -> list[str]:
+        """The keys of the first samples' .json members (and whether captions come as .txt)."""
+        names: dict[str, None] = {}
+        seen = 0
+        with closing(self._tar_samples()) as samples:
+            for _, parts in islice(samples, _TAR_SCHEMA_SAMPLES):
+                seen += 1
+                self._tar_has_txt = self._tar_has_txt or "txt" in parts
+                if "json" in parts:
+                    names.update(dict.fromkeys(self._tar_json(*parts["json"])))
+        if not seen:
+            raise InputError(f"{self.path}: no samples (an empty tar)")
+        return list(names)
+
+    def _tar_auto(self, json_key: str | None) -> None:
+        """No --prompt-column: captions from .txt members, else `json_key`; neither is an error."""
+        if json_key is None and not self._tar_has_txt:
+            raise InputError(
+                f"{self.path}: no caption: no .txt member and no prompt, caption or text key in the .json "
+                f"members of the first {_TAR_SCHEMA_SAMPLES} samples; available keys: "
+                f"{', '.join(self.columns) or '(none)'}; name one with --prompt-column"
+            )
+        self._tar_json_key = json_key
+
+    def _tar_text(self, member: str, data: bytes) -> str:
+        try:
+            return data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise InputError(
+                f"{self.path}: member {member}: not valid UTF-8 text (undecodable byte at offset {exc.start})"
+            ) from None
+
+    def _tar_json(self, member: str, data: bytes) -> dict[str, Any]:
+        try:
+            record = json.loads(self._tar_text(member, data))
+        except json.JSONDecodeError as exc:
+            raise InputError(
+                f"{self.path}: member {member}: malformed JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+            ) from None
+        if not isinstance(record, dict):
+            raise InputError(f"{self.path}: member {member}: expected a JSON object, got {type(record).__name__}")
+        return record
+
+    def _tar_batches(self, rows: int, with_extras: bool) -> Iterator[_RawBatch]:
+        batch: list[tuple[str, dict[str, tuple[str, bytes]]]] = []
+        for sample in self._tar_samples():
+            batch.append(sample)
+            if len(batch) == rows:
+                yield self._raw_from_samples(batch, with_extras)
+                batch = []
+        if batch:
+            yield self._raw_from_samples(batch, with_extras)
+
+    def _raw_from_samples(self, batch: list[tuple[str, dict[str, tuple[str, bytes]]]], with_extras: bool) -> _RawBatch:
+        prompts: list[str | None] = []
+        records: list[dict[str, Any]] = []
+        json_key = self.prompt_column or self._tar_json_key
+        for _, parts in batch:
+            record = self._tar_json(*parts["json"]) if "json" in parts else {}
+            records.append(record)
+            if self.prompt_column is None and "txt" in parts:
+                text = self._tar_text(*parts["txt"])
+                prompts.append(text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text)
+                continue
+            value = record.get(json_key) if json_key else None
+            if value is not None and not isinstance(value, str):
+                member, kind = parts["json"][0], type(value).__name__
+                raise InputError(f"{self.path}: member {member}: prompt {json_key!r} is a {kind}, not a string")
+            prompts.append(value)
+        if not with_extras:
+            return _RawBatch(prompts, None, None)
+        if self.id_column:
+            ids: list[str | None] = []
+            for (_, parts), record in zip(batch, records, strict=True):
+                value = record.get(self.id_column)
+                if isinstance(value, (dict, list)):
+                    raise InputError(f"{self.path}: member {parts['json'][0]}: id {self.id_column!r} is not a scalar")
+                ids.append(None if value is None else str(value))
+        else:
+            ids = [f"{self.path.name}:{key}" for key, _ in batch]
+        keep = None
+        if self.keep_columns:
+            keep = pd.DataFrame({name: [rec.get(name) for rec in records] for name in self.keep_columns})
+        return _RawBatch(prompts, ids, keep)
+
+    # ----------------------------------------------------------------- Hugging Face datasets
+
+    def _dataset_batches(self, rows: int, with_extras: bool) -> Iterator[_RawBatch]:
+        if self._data is None:
+            self._data = self.path.load()  # type: ignore[union-attr]
+        position = 0
+        for batch in self._data.iter(batch_size=rows):
+            prompts = batch[self.prompt_column]
+            for offset, value in enumerate(prompts):
+                if value is not None and not isinstance(value, str):
+                    raise InputError(f"{self.path}: row {position + offset}: prompt {self.prompt_column!r} is a "
+                                     f"{type(value).__name__}, not a string")
+            position += len(prompts)
+            if not with_extras:
+                yield _RawBatch(list(prompts), None, None)
+                continue
+            ids = None
+            if self.id_column:
+                ids = [None if v is None else str(v) for v in batch[self.id_column]]
+            keep = pd.DataFrame({c: list(batch[c]) for c in self.keep_columns}) if self.keep_columns else None
+            yield _RawBatch(list(prompts), ids, keep)
+
     # ----------------------------------------------------------------- canonical form
 
     def _canonical(self, raw: _RawBatch, start: int, seen: dict[str, int]) -> pd.DataFrame:
@@ -405,10 +578,8 @@ class PromptSource:
                     raise InputError(f"{self.path}: row {i} has an empty id in column {self.id_column!r}")
                 first = seen.setdefault(value, i)
                 if first != i:
-                    raise InputError(
-                        f"{self.path}: duplicate id {value!r} in column {self.id_column!r} "
-                        f"(rows {first} and {i})"
-                    )
+                    where = f"in column {self.id_column!r}" if self.id_column else "(sample key)"
+                    raise InputError(f"{self.path}: duplicate id {value!r} {where} (rows {first} and {i})")
         frame = pd.DataFrame(
             {
                 "prompt_id": pd.Series(ids, dtype=object),
@@ -493,12 +664,97 @@ class PromptSource:
             raise InputError(f"{where} malformed {self.fmt.upper()} ({one_line(exc)})") from exc
         except pa.ArrowException as exc:
             raise InputError(f"{where} corrupt or unreadable Parquet file ({one_line(exc)})") from exc
+        except tarfile.TarError as exc:
+            raise InputError(f"{where} corrupt or unreadable tar ({one_line(exc)})") from exc
         except OSError as exc:
             raise InputError(f"{where} cannot read the file ({one_line(exc)})") from exc
         except Exception as exc:
             if not storage.is_storage_error(exc):  # a store's client failing (unreachable, denied)
                 raise
             raise InputError(f"{where} {storage.describe(exc)}") from exc
+
+
+def is_dataset_spec(spec: object) -> bool:
+    """`hf-dataset:NAME[:CONFIG][#SPLIT]`: a Hugging Face dataset, not a file."""
+    return isinstance(spec, DatasetRef) or (isinstance(spec, str) and spec.startswith(DATASET_PREFIX))
+
+
+class DatasetRef:
+    """A Hugging Face `datasets` dataset named as an input, `hf-dataset:NAME[:CONFIG][#SPLIT]` (split
+    train unless named): a hub dataset streamed (`load_dataset(..., streaming=True)`), a local folder
+    saved with `save_to_disk` (`load_from_disk`), or a local folder of data files (streamed). It
+    answers the few path questions planning a run asks (name, stat, resolve)."""
+
+    suffixes: list[str] = []
+    suffix = ""
+
+    def __init__(self, spec: str) -> None:
+        body, _, split = spec[len(DATASET_PREFIX):].partition("#")
+        name, config = body, ""
+        if not os.path.isdir(os.path.expanduser(body)):
+            name, _, config = body.partition(":")
+        if not name.strip():
+            raise UsageError(f"{spec}: names no dataset; give {DATASET_PREFIX}NAME[:CONFIG][#SPLIT]")
+        self.spec, self.dataset, self.config = spec, name, config or None
+        self.split = split or "train"
+        local = Path(name).expanduser()
+        self.local: Path | None = local if local.is_dir() else None
+
+    def __str__(self) -> str:
+        return self.spec
+
+    def __repr__(self) -> str:
+        return f"DatasetRef({self.spec!r})"
+
+    def __fspath__(self) -> str:
+        """The spec, so output checks can compare it with an output path (it never names a file)."""
+        return self.spec
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.dataset.replace(os.sep, "/").rstrip("/")) or self.dataset
+
+    def resolve(self) -> DatasetRef:
+        """A local folder by its absolute path (a run's manifest names it so); a hub name as it is."""
+        if self.local is None:
+            return self
+        body = str(self.local.resolve()) + (f":{self.config}" if self.config else "")
+        return DatasetRef(DATASET_PREFIX + body + (self.spec.partition("#")[1] + self.spec.partition("#")[2]))
+
+    def exists(self) -> bool:
+        return True
+
+    def is_dir(self) -> bool:
+        return False
+
+    def stat(self) -> SimpleNamespace:
+        """A local folder's bytes (a changed dataset is another input to resume); 0 for the hub."""
+        if self.local is None:
+            return SimpleNamespace(st_size=0)
+        size = sum(f.stat().st_size for f in self.local.rglob("*") if f.is_file())
+        return SimpleNamespace(st_size=size)
+
+    def load(self) -> Any:
+        """The dataset's split: memory-mapped from a save_to_disk folder, else streamed."""
+        try:
+            import datasets
+        except ImportError:
+            raise UsageError(f"{self.spec}: reading a Hugging Face dataset needs the datasets package: "
+                             "pip install 'memscan[datasets]'") from None
+        try:
+            if self.local is not None and any((self.local / f).is_file() for f in ("dataset_dict.json", "state.json")):
+                loaded = datasets.load_from_disk(str(self.local))
+                if isinstance(loaded, datasets.DatasetDict):
+                    if self.split not in loaded:
+                        raise InputError(f"{self.spec}: split {self.split!r} not found; available: {', '.join(loaded)}")
+                    loaded = loaded[self.split]
+                return loaded
+            return datasets.load_dataset(str(self.local or self.dataset), self.config, split=self.split, streaming=True)
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - hub unreachable, unknown dataset, config or split: one line
+            detail = one_line(exc, with_type=True, limit=300)
+            raise InputError(f"{self.spec}: cannot load the dataset ({detail})") from None
 
 
 def read_prompts(path: str | Location, **kwargs: Any) -> pd.DataFrame:

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from memscan import storage
 from memscan.errors import InputError
-from memscan.io.readers import FORMATS, PromptSource
+from memscan.io.readers import FORMATS, DatasetRef, PromptSource, is_dataset_spec
 from memscan.io.scores import atomic_write_bytes
 from memscan.storage import Location, RemotePath
 
@@ -58,7 +58,30 @@ class Shard:
 
 
 def expand_inputs(spec: str | Location) -> list[Location]:
-    """A file, a folder (its prompt files) or a glob, as a sorted list of files (local or on a store)."""
+    """A file, a folder (its prompt files), a glob or brace ranges (`captions-{000..009}.tar`, each
+    name must exist), as a sorted list of files (local or on a store); a `hf-dataset:` spec as itself."""
+    if is_dataset_spec(spec):
+        return [DatasetRef(str(spec))]  # type: ignore[list-item]
+    names = storage.expand_braces(spec) if isinstance(spec, str) else [spec]
+    if len(names) == 1:
+        return _expand_one(names[0])
+    files: list[Location] = []
+    missing: list[str] = []
+    for name in names:
+        if any(ch in name for ch in "*?["):
+            files += _expand_one(name)
+        elif (path := storage.location(name)).exists():
+            files.append(path)
+        else:
+            missing.append(name)
+    if not files:
+        raise InputError(f"{spec}: no file matches")
+    if missing:
+        raise InputError(f"{missing[0]}: no such file ({len(missing)} of the {len(names)} names of {spec} are missing)")
+    return sorted(dict.fromkeys(files), key=str)
+
+
+def _expand_one(spec: str | Location) -> list[Location]:
     if storage.is_remote(spec):
         return _expand_remote(str(spec))
     path = Path(spec)
