@@ -255,6 +255,11 @@ def _top_table(top: list[dict[str, Any]], title: str, threshold: float | None = 
     return table
 
 
+STORAGE_OPTION_HELP = ("fsspec storage option KEY=VALUE for URL inputs and outputs (s3://, gs://, az://, hf://; "
+                       "repeatable; VALUE is read as JSON when it parses): endpoint_url=http://localhost:9000, "
+                       "anon=true; s3.KEY for one protocol only.")
+
+
 def _storage_options(items: list[str] | None) -> None:
     """--storage-option KEY=VALUE (repeatable): options of the URL filesystems (memscan.storage), for
     this process and the workers it starts."""
@@ -559,15 +564,17 @@ def _bench_table(rows: list[dict[str, Any]], title: str) -> Table:
 
 @app.command("evaluate", epilog="\b\nExample:\n  memscan evaluate scores.parquet wen.parquet --labels prompts.csv --json")
 def evaluate_cmd(
-    scores: Annotated[list[Path], typer.Argument(metavar="SCORES...", help="Scores Parquet files (one per method).")],
-    labels: Annotated[Path | None, typer.Option(help="Labels: any prompt file with a label column (1/0, memorized/not_memorized); joined on prompt_id, else prompt text (default: a label column in SCORES).")] = None,
+    scores: Annotated[list[str], typer.Argument(metavar="SCORES...", help="Scores Parquet files (one per method; paths or URLs).")],
+    labels: Annotated[str | None, typer.Option(help="Labels: any prompt file with a label column (1/0, memorized/not_memorized); joined on prompt_id, else prompt text (default: a label column in SCORES).")] = None,
     label_column: Annotated[str, typer.Option("--label-column", help="Name of the label column.")] = "label",
     column: Annotated[list[str] | None, typer.Option("--column", help="Score column(s) to evaluate, e.g. --column norm --column alignment (default: score).")] = None,
     target_fpr: Annotated[list[float] | None, typer.Option("--target-fpr", help="Target FPR(s) (default: 0.01 and 0.03).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
+    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help=STORAGE_OPTION_HELP)] = None,
 ) -> None:
     """ROC AUC and TPR at 1%/3% FPR (closest point and Wen et al.'s strictly-below point) with thresholds."""
     with cli_errors():
+        _storage_options(storage_option)
         from memscan.evaluate import DEFAULT_TARGETS, evaluate_files
 
         rows = evaluate_files(scores, labels, columns=column or ["score"], targets=target_fpr or DEFAULT_TARGETS,
@@ -581,9 +588,9 @@ def evaluate_cmd(
     "\b\nExample:\n  memscan calibrate cal.parquet --labels labelled.csv -o my-model.toml --holdout 0.3"
 ))
 def calibrate_cmd(
-    scores: Annotated[Path, typer.Argument(metavar="SCORES", help="Scores Parquet file of labelled prompts (anisotropy: norm and alignment columns).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Profile TOML to write; use it as `detect --model FILE.toml`.")],
-    labels: Annotated[Path | None, typer.Option(help="Labels file (see `evaluate`) (default: a label column in SCORES).")] = None,
+    scores: Annotated[str, typer.Argument(metavar="SCORES", help="Scores Parquet file of labelled prompts (anisotropy: norm and alignment columns; a path or URL).")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Profile TOML to write (a path or URL); use it as `detect --model FILE.toml` (a local file: copy one from a store first).")],
+    labels: Annotated[str | None, typer.Option(help="Labels file (see `evaluate`) (default: a label column in SCORES).")] = None,
     label_column: Annotated[str, typer.Option("--label-column", help="Name of the label column.")] = "label",
     model: Annotated[str | None, typer.Option("--model", "-m", help="Profile to start from (default: the one the scores were made with).")] = None,
     target_fpr: Annotated[float, typer.Option("--target-fpr", help="Share of clean prompts allowed above the threshold.")] = 0.01,
@@ -595,9 +602,11 @@ def calibrate_cmd(
     groups: Annotated[str | None, typer.Option("--groups", help="auto: caption families found from the prompt text (word-set Jaccard >= 0.7, or the same caption without digits and punctuation), used as --group-column.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the calibration as JSON on stdout.")] = False,
     if_exists: Annotated[str, typer.Option("--if-exists", help="Output exists: fail or overwrite (never over an input).")] = "fail",
+    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help=STORAGE_OPTION_HELP)] = None,
 ) -> None:
     """Fit the term weights and the threshold at a target FPR on clean prompts; write a profile."""
     with cli_errors():
+        _storage_options(storage_option)
         from memscan.evaluate import calibrate_scores
 
         if groups not in (None, "auto"):
@@ -640,17 +649,19 @@ def calibrate_cmd(
 
 @app.command("report", epilog="\b\nExample:\n  memscan report scores.parquet wen.parquet --labels prompts.csv -o report.html")
 def report_cmd(
-    scores: Annotated[list[Path], typer.Argument(metavar="SCORES...", help="Scores Parquet files (one per method).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="HTML file to write.")] = Path("report.html"),
-    labels: Annotated[Path | None, typer.Option(help="Labels file (see `evaluate`) for histograms by class and ROC curves.")] = None,
+    scores: Annotated[list[str], typer.Argument(metavar="SCORES...", help="Scores Parquet files (one per method; paths or URLs).")],
+    output: Annotated[str, typer.Option("-o", "--output", help="HTML file to write (a path or URL).")] = "report.html",
+    labels: Annotated[str | None, typer.Option(help="Labels file (see `evaluate`) for histograms by class and ROC curves.")] = None,
     label_column: Annotated[str, typer.Option("--label-column", help="Name of the label column.")] = "label",
     threshold: Annotated[float | None, typer.Option(help="Threshold to draw (default: the one the scores were flagged with).")] = None,
     top: Annotated[int, typer.Option(help="Top-scored prompts listed per method.")] = 20,
     title: Annotated[str, typer.Option(help="Page title.")] = "memscan report",
     if_exists: Annotated[str, typer.Option("--if-exists", help="Output exists: fail or overwrite (never over an input).")] = "fail",
+    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help=STORAGE_OPTION_HELP)] = None,
 ) -> None:
     """One self-contained HTML page: histograms, ROC curves, threshold, top flagged prompts."""
     with cli_errors():
+        _storage_options(storage_option)
         from memscan.report import load_report_inputs, write_report
 
         inputs = [*scores, *([labels] if labels is not None else [])]
@@ -712,7 +723,7 @@ def bench_cmd(
     "  memscan mitigate audit/shards/ -o rewrites/ --gpus all   # a run directory"
 ))
 def mitigate_cmd(
-    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Prompts (CSV, TSV, Parquet, JSONL, TXT) or a `detect` output Parquet (its flagged rows); a folder or glob for a run directory.")],
+    input_path: Annotated[str, typer.Argument(metavar="INPUT", help="Prompts (CSV, TSV, Parquet, JSONL, TXT, tar shards, hf-dataset:NAME) or a `detect` output Parquet (its flagged rows), a local path or URL; a folder, prefix or glob for a run directory.")],
     output: Annotated[str | None, typer.Option("-o", "--output", help="A .parquet file, or a run directory (sharded, resumable): an existing directory, a path ending in '/', or a name with no suffix; other suffixes are refused (default: INPUT-NAME.mitigated.parquet).")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, .safetensors file, or hub id.")] = "demo",
     target: Annotated[float | None, typer.Option(help="Rewrite until the score is below this (default: the profile's threshold).")] = None,
@@ -723,7 +734,7 @@ def mitigate_cmd(
     prefer: Annotated[str, typer.Option(help="Which rewrite of a round wins: score (the lowest, farthest from memorized) or similarity (the closest).")] = "score",
     verify_noise: Annotated[int, typer.Option("--verify-noise", help="Noises of an independent bank that must also score a rewrite under the target; 0 = off.")] = 4,
     all_rows: Annotated[bool, typer.Option("--all", help="From a detect output, take every row, not only the flagged ones.")] = False,
-    emit_embeddings: Annotated[Path | None, typer.Option("--emit-embeddings", help="Also optimise each prompt's embedding; save them here (safetensors, by prompt_id).")] = None,
+    emit_embeddings: Annotated[str | None, typer.Option("--emit-embeddings", help="Also optimise each prompt's embedding; save them here (safetensors, by prompt_id; a path or URL).")] = None,
     embedding_steps: Annotated[int, typer.Option("--embedding-steps", help="Most AdamW steps (lr 0.05) of the embedding optimisation.")] = 50,
     n_noise: Annotated[int | None, typer.Option("--n-noise", help="Initial noises per prompt (n) (default: the profile's calibration n_noise, else 1).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the shared noise bank (default: the profile's calibration seed, else 51).")] = None,
@@ -745,9 +756,11 @@ def mitigate_cmd(
     executor: Annotated[str, typer.Option(help="local or ray (run directories; ray needs memscan[ray]).")] = "local",
     log_interval: Annotated[float, typer.Option("--log-interval", help="Seconds between progress lines when not on a terminal.")] = 60.0,
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help=STORAGE_OPTION_HELP)] = None,
 ) -> None:
     """Rewrite memorized prompts into close ones that score under the threshold."""
     with cli_errors():
+        _storage_options(storage_option)
         from memscan.config import DetectSettings
         from memscan.mitigation import MitigateSettings, mitigate
 
@@ -807,7 +820,7 @@ def _report_mitigate_run(summary: dict[str, Any], json_summary: bool) -> None:
     "  memscan confirm candidates.csv --model sd-v1-4 -o confirm/ --gpus all --train-images laion-subset.parquet"
 ))
 def confirm_cmd(
-    input_path: Annotated[Path, typer.Argument(metavar="PROMPTS", help="Candidate prompts: CSV, TSV, Parquet, JSONL or TXT (optionally .gz); a folder or glob for a run directory.")],
+    input_path: Annotated[str, typer.Argument(metavar="PROMPTS", help="Candidate prompts: CSV, TSV, Parquet, JSONL, TXT (optionally .gz), tar shards or hf-dataset:NAME, a local path or URL; a folder, prefix or glob for a run directory.")],
     output: Annotated[str | None, typer.Option("-o", "--output", help="A labelled .csv or .parquet file, or a run directory (sharded, resumable): an existing directory, a path ending in '/', or a name with no suffix (default: PROMPTS-NAME.labels.csv).")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, or hub id (with a VAE).")] = "demo",
     k: Annotated[int, typer.Option("--k", "-k", help="Generations per prompt, from seeds SEED, SEED+1, ...")] = 4,
@@ -816,7 +829,7 @@ def confirm_cmd(
     min_cluster: Annotated[int | None, typer.Option("--min-cluster", help="Generations that must be one image (or match one training image) (default: half of k, at least 2).")] = None,
     train_images: Annotated[Path | None, typer.Option("--train-images", help="Training images to match: a folder of images, a .parquet (image bytes column) or an .npz (images array).")] = None,
     train_roundtrip: Annotated[bool, typer.Option("--train-roundtrip/--no-train-roundtrip", help="Compare generations with the training images' round trip through the model's VAE (the closest image it can make), not the raw images.")] = True,
-    contact_sheet: Annotated[Path | None, typer.Option("--contact-sheet", help="Also write an HTML page of each prompt's generations and its training match.")] = None,
+    contact_sheet: Annotated[str | None, typer.Option("--contact-sheet", help="Also write an HTML page of each prompt's generations and its training match (a path or URL).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the first generation.")] = 0,
     steps: Annotated[int, typer.Option(help="DDIM steps.")] = 50,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
@@ -836,9 +849,11 @@ def confirm_cmd(
     executor: Annotated[str, typer.Option(help="local or ray (run directories; ray needs memscan[ray]).")] = "local",
     log_interval: Annotated[float, typer.Option("--log-interval", help="Seconds between progress lines when not on a terminal.")] = 60.0,
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help=STORAGE_OPTION_HELP)] = None,
 ) -> None:
     """Label prompts memorized or not from k generations each: a labelled file for `memscan calibrate`."""
     with cli_errors():
+        _storage_options(storage_option)
         from memscan.config import DetectSettings
         from memscan.confirm.core import ConfirmSettings, confirm, file_output
 
@@ -895,9 +910,11 @@ app.add_typer(cache_app, name="cache")
 def cache_info(
     path: Annotated[str, typer.Argument(metavar="CACHE", help="The cache folder or URL given to detect --cache.")],
     json_summary: Annotated[bool, typer.Option("--json", help="Print the counts as JSON on stdout.")] = False,
+    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help=STORAGE_OPTION_HELP)] = None,
 ) -> None:
     """Fingerprints (what each scores), rows, segments and bytes of a score cache."""
     with cli_errors():
+        _storage_options(storage_option)
         from memscan.cache import ScoreCache
 
         info = ScoreCache(path).info()
@@ -916,9 +933,11 @@ def cache_info(
 def cache_compact(
     path: Annotated[str, typer.Argument(metavar="CACHE", help="The cache folder or URL given to detect --cache.")],
     json_summary: Annotated[bool, typer.Option("--json", help="Print the counts as JSON on stdout.")] = False,
+    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help=STORAGE_OPTION_HELP)] = None,
 ) -> None:
     """Merge each fingerprint's segments into one (safe while runs append to the cache)."""
     with cli_errors():
+        _storage_options(storage_option)
         from memscan.cache import ScoreCache
 
         result = ScoreCache(path).compact()

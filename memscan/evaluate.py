@@ -49,6 +49,7 @@ import pandas as pd
 from memscan.errors import InputError, UsageError
 from memscan.io.scores import STATUS_OK
 from memscan.models.profiles import ModelProfile
+from memscan.storage import location
 
 Convention = Literal["closest", "below"]
 CONVENTIONS: dict[str, str] = {
@@ -140,11 +141,11 @@ def load_labelled(
     `extra_columns` (a group column) come from the labels file when it has them, else from the scores."""
     from memscan.io.scores import read_scores
 
-    scores, facts = read_scores(Path(scores_path))
+    scores, facts = read_scores(location(scores_path))
     if labels_path is not None:
-        columns = _columns_of(Path(labels_path)) if extra_columns else set()
+        columns = _columns_of(labels_path) if extra_columns else set()
         from_labels = [c for c in extra_columns if c in columns]
-        labels = read_labels(Path(labels_path), label_column=label_column, id_column=id_column,
+        labels = read_labels(labels_path, label_column=label_column, id_column=id_column,
                              extra_columns=from_labels)
         frame = attach_labels(scores.drop(columns=[c for c in from_labels if c in scores]), labels)
     elif label_column not in scores:
@@ -786,11 +787,12 @@ def write_profile(profile: ModelProfile, path: Path) -> Path:
     from memscan.io.scores import atomic_write_bytes
     from memscan.models.profiles import TEXT_SIMILARITIES
 
+    path = location(path)  # type: ignore[assignment]
     judge = profile.text_similarity
     text = profile_to_toml(profile, source=local_reference(profile.source, path),
                            text_similarity=judge if judge in TEXT_SIMILARITIES else local_reference(judge, path))
-    atomic_write_bytes(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    return Path(path)
+    atomic_write_bytes(location(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return location(path)  # type: ignore[return-value]
 
 
 def calibrate_scores(
@@ -811,7 +813,7 @@ def calibrate_scores(
     frame, facts = load_labelled(scores_path, labels_path, label_column=label_column,
                                  extra_columns=[group_column] if group_column else [])
     if auto_groups and labels_path is not None and ("prompt" not in frame or frame["prompt"].isna().all()):
-        labels = read_labels(Path(labels_path), label_column=label_column)  # scores without text: the labels'
+        labels = read_labels(labels_path, label_column=label_column)  # scores without text: the labels'
         frame = frame.assign(prompt=frame["prompt_id"].astype(str).map(
             labels.drop_duplicates("prompt_id").set_index("prompt_id")["prompt"]).to_numpy())
     weights = None
@@ -822,9 +824,9 @@ def calibrate_scores(
         frame, target_fpr=target_fpr, confidence=confidence, fit=fit, weights=weights, holdout=holdout, seed=seed,
         group_column=group_column, auto_groups=auto_groups,
     )
-    profile = calibrated_profile(base_profile(facts, model), result, Path(output).stem, facts,
-                                 origin=Path(scores_path).name)
-    write_profile(profile, Path(output))
+    profile = calibrated_profile(base_profile(facts, model), result, location(output).stem, facts,
+                                 origin=location(scores_path).name)
+    write_profile(profile, output)
     return profile, result
 
 
@@ -835,7 +837,7 @@ def evaluate_files(
     """`memscan evaluate`: one result dict per (scores file, column), named by method (file on clashes).
 
     A column missing from some files is skipped there; missing from all, it is an error."""
-    loaded = [(Path(p), *load_labelled(Path(p), labels_path, label_column=label_column)) for p in paths]
+    loaded = [(location(p), *load_labelled(p, labels_path, label_column=label_column)) for p in paths]
     for column in columns:
         if not any(column in frame for _, frame, _ in loaded):
             raise InputError(f"no scores file has a column {column!r}")

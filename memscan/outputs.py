@@ -135,7 +135,7 @@ def check_output(
 
 def check_distinct(outputs: dict[str, str | Path | None]) -> None:
     """Two outputs of one command (e.g. `-o` and `--emit-embeddings`) must not be the same file."""
-    given = [(flag, Path(p)) for flag, p in outputs.items() if p is not None]
+    given = [(flag, storage.location(p)) for flag, p in outputs.items() if p is not None]
     for i, (flag, path) in enumerate(given):
         for other_flag, other in given[i + 1:]:
             if _same_path(path, other):

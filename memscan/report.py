@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from memscan.evaluate import CONVENTIONS, Evaluation, evaluate_frame, usable
+from memscan.storage import location
 
 _MEMORIZED, _CLEAN, _ALL = "#d62728", "#1f77b4", "#7f7f7f"
 
@@ -189,20 +190,20 @@ def load_report_inputs(
     from memscan.evaluate import attach_labels, parse_labels, read_labels
     from memscan.io.scores import read_scores
 
-    label_frame = read_labels(Path(labels), label_column=label_column) if labels is not None else None
+    label_frame = read_labels(labels, label_column=label_column) if labels is not None else None
     items = []
     for path in paths:
-        scores, facts = read_scores(Path(path))
+        scores, facts = read_scores(location(path))
         if label_frame is not None:
             scores = attach_labels(scores, label_frame)
         elif label_column in scores:
             scores = scores.assign(label=parse_labels(scores[label_column]))
-        items.append(ReportInput(name=str(facts.get("method") or Path(path).stem), scores=scores, facts=facts,
+        items.append(ReportInput(name=str(facts.get("method") or location(path).stem), scores=scores, facts=facts,
                                  threshold=threshold if threshold is not None else facts.get("threshold")))
     names = [item.name for item in items]
     for item, path in zip(items, paths, strict=True):
         if names.count(item.name) > 1:
-            item.name = Path(path).stem
+            item.name = location(path).stem
     return items
 
 
@@ -216,5 +217,5 @@ def write_report(
 
     check_output(output, inputs=inputs, if_exists=if_exists, what="report")
     page = build_report(items, **kwargs)
-    atomic_write_bytes(Path(output), lambda tmp: tmp.write_text(page, encoding="utf-8"))
-    return Path(output)
+    atomic_write_bytes(location(output), lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    return location(output)  # type: ignore[return-value]

@@ -244,3 +244,64 @@ def test_dataset_spec_errors(tmp_path: Path) -> None:
         PromptSource("hf-dataset:")
     assert storage  # the spec is not a URL: never handed to fsspec
     assert not storage.is_url("hf-dataset:user/captions")
+
+
+# ------------------------------------------------------------------------- every command on a bucket
+
+
+def _labelled(n_clean: int = 12) -> bytes:
+    clean = [f"a {c} square on a plain background number {i}" for i, c in enumerate(["red", "blue", "green"] * 4)]
+    memorized = [f"the {w} harbour of lindale" for w in ("quiet", "golden", "hidden", "silver")]
+    rows = [(p, "not_memorized") for p in clean[:n_clean]] + [(p, "memorized") for p in memorized]
+    return pd.DataFrame(rows, columns=["prompt", "label"]).to_csv(index=False).encode()
+
+
+def test_mitigate_evaluate_report_calibrate_read_and_write_a_bucket(tmp_path: Path, tiny_model_dir: Path,
+                                                                    prompts_csv: Path) -> None:
+    """Every command that reads or writes files takes URLs: mitigate s3 -> s3, evaluate and report
+    from s3, calibrate's profile to s3, bench --out-dir, cache info; nothing lands in a folder `s3:`."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from _s3 import s3_bucket
+
+    model = str(tiny_model_dir)
+    with s3_bucket("commands") as s3:
+        prompts = s3.put("in/prompts.csv", prompts_csv.read_bytes())
+        rewritten = s3.url("out/rewritten.parquet")
+        result = runner.invoke(app, ["mitigate", prompts, "--model", model, "--target", "0", "-o", rewritten,
+                                     "--id-column", "id", "--max-edits", "1", "--beam-width", "2",
+                                     "--verify-noise", "0", "--json"])
+        assert result.exit_code == 0, result.output
+        rows = pd.read_parquet(io.BytesIO(s3.get("out/rewritten.parquet")))
+        assert rows["prompt_id"].tolist() == list("abcde") and json.loads(result.stdout)["rows"] == 5
+
+        labels = s3.put("in/labels.csv", _labelled())
+        local_labels = tmp_path / "labels.csv"
+        local_labels.write_bytes(_labelled())
+        scores = tmp_path / "scores.parquet"
+        assert runner.invoke(app, ["detect", str(local_labels), "-o", str(scores), "--model", model]).exit_code == 0
+        remote_scores = s3.put("scores/scores.parquet", scores.read_bytes())
+
+        local_eval = runner.invoke(app, ["evaluate", str(scores), "--labels", str(local_labels), "--json"])
+        remote_eval = runner.invoke(app, ["evaluate", remote_scores, "--labels", labels, "--json"])
+        assert remote_eval.exit_code == 0, remote_eval.output
+        strip = [{k: v for k, v in row.items() if k != "scores"} for row in json.loads(local_eval.stdout)]
+        assert [{k: v for k, v in row.items() if k != "scores"} for row in json.loads(remote_eval.stdout)] == strip
+        assert json.loads(remote_eval.stdout)[0]["scores"] == remote_scores
+
+        result = runner.invoke(app, ["report", remote_scores, "--labels", labels, "-o", s3.url("out/report.html")])
+        assert result.exit_code == 0, result.output
+        assert s3.get("out/report.html").count(b"data:image/png;base64,") == 2
+
+        result = runner.invoke(app, ["calibrate", remote_scores, "--labels", labels, "-o", s3.url("out/cal.toml"),
+                                     "--target-fpr", "0.2", "--json"])
+        assert result.exit_code == 0, result.output
+        profile = s3.get("out/cal.toml").decode()
+        assert "threshold = " in profile and f"source = \"{tiny_model_dir.resolve()}\"" in profile
+        again = runner.invoke(app, ["calibrate", remote_scores, "--labels", labels, "-o", s3.url("out/cal.toml")])
+        assert again.exit_code == EXIT_USAGE and "--if-exists overwrite" in again.stderr
+
+        missing = runner.invoke(app, ["evaluate", s3.url("nope.parquet"), "--labels", labels])
+        assert missing.exit_code == EXIT_INPUT and len(missing.stderr.strip().splitlines()) == 1, missing.output
+        assert s3.url("nope.parquet") in missing.stderr
+        assert not Path("s3:").exists()

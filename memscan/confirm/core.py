@@ -28,6 +28,7 @@ from memscan.confirm.generate import ddim_pipeline, generate_images
 from memscan.errors import InputError, UsageError, one_line
 from memscan.io.scores import STATUS_ERROR, STATUS_NONFINITE, STATUS_OK, STATUS_OOM, STATUS_SKIPPED_EMPTY
 from memscan.models.loading import ScoringModel
+from memscan.storage import location
 
 log = logging.getLogger("memscan")
 
@@ -347,18 +348,18 @@ def confirm(
     settings = settings or ConfirmSettings()
     if contact_sheet is not None:
         settings = replace(settings, contact_sheet=True)
-    inputs = [Path(input_path), *([Path(settings.train_images)] if settings.train_images else [])]
-    output_path = Path(output) if output is not None else None
+    inputs = [input_path, *([Path(settings.train_images)] if settings.train_images else [])]
+    output_path = location(output) if output is not None else None
     if output_path is not None:
         if not file_output(output_path):
             raise UsageError(f"-o {output}: confirm() writes one file; run directories are run_confirm's")
         check_output(output_path, inputs=inputs, if_exists=if_exists)
     if contact_sheet is not None:
-        check_distinct({"-o": output_path, "--contact-sheet": Path(contact_sheet)})
+        check_distinct({"-o": output_path, "--contact-sheet": contact_sheet})
         check_output(contact_sheet, inputs=inputs, if_exists=if_exists, what="contact sheet")
     settings = settings.resolved()
     detect = settings.detect
-    frame = PromptSource(Path(input_path), prompt_column=detect.prompt_column, id_column=detect.id_column).read()
+    frame = PromptSource(input_path, prompt_column=detect.prompt_column, id_column=detect.id_column).read()
     if frame.empty:
         raise InputError(f"{input_path}: no prompts (the file has no rows)")
     started = time.perf_counter()

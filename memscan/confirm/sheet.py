@@ -113,5 +113,7 @@ def write_contact_sheet(frame: pd.DataFrame, path: str | Path, *, threshold: flo
     from memscan.outputs import atomic_write_bytes
 
     page = build_sheet(frame, threshold=threshold, facts=facts, title=title)
-    atomic_write_bytes(Path(path), lambda tmp: tmp.write_text(page, encoding="utf-8"))
-    return Path(path)
+    from memscan.storage import location
+
+    atomic_write_bytes(location(path), lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    return location(path)  # type: ignore[return-value]

@@ -38,6 +38,7 @@ from memscan.models.loading import ScoringModel
 from memscan.outputs import check_distinct, check_output
 from memscan.progress import Progress
 from memscan.scorer import Scorer
+from memscan.storage import location
 
 __all__ = ["MitigateResult", "MitigateSettings", "load_embeddings", "mitigate", "rewrite_prompts"]
 
@@ -68,14 +69,14 @@ def mitigate(
     from memscan.detect import build_scorer
 
     settings = settings or MitigateSettings()
-    output_path = Path(output) if output is not None else None
+    output_path = location(output) if output is not None else None
     check_distinct({"-o": output_path, "--emit-embeddings": settings.emit_embeddings})
     for path, what in ((output_path, "output"), (settings.emit_embeddings, "embeddings")):
         if path is not None:
             check_output(path, inputs=[input_path], if_exists=if_exists, what=what)
     detect = settings.detect
     frame = read_rows(
-        Path(input_path), prompt_column=detect.prompt_column, id_column=detect.id_column, all_rows=settings.all_rows
+        input_path, prompt_column=detect.prompt_column, id_column=detect.id_column, all_rows=settings.all_rows
     )
     started = time.perf_counter()
     if progress is not None:
@@ -96,7 +97,7 @@ def mitigate(
         raise
     if progress is not None:
         progress.close()
-    embeddings_path = Path(settings.emit_embeddings) if settings.emit_embeddings else None
+    embeddings_path = location(settings.emit_embeddings) if settings.emit_embeddings else None
     facts = {
         **scorer.run_facts(), "memscan_version": __version__, "input": str(input_path), "target": target,
         "mitigation": {k: v for k, v in settings.__dict__.items() if k not in ("detect", "emit_embeddings")},

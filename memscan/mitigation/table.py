@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from memscan import storage
 from memscan.errors import InputError, UsageError
-from memscan.io.readers import PromptSource
+from memscan.io.readers import DatasetRef, PromptSource, is_dataset_spec
 from memscan.io.scores import METADATA_KEY, read_scores
+from memscan.storage import Location
 
 STATUS_OK = "ok"
 STATUS_UNRESOLVED = "unresolved"
@@ -22,21 +23,26 @@ STATUS_NOT_FLAGGED = "not_flagged"
 EMBEDDING_COLUMNS = ("embedding_score", "embedding_score_verified", "embedding_steps")
 
 
-def is_detect_output(path: Path) -> bool:
+def is_detect_output(path: str | Location | DatasetRef) -> bool:
     """A Parquet file that `memscan detect` wrote (its metadata and score columns are there)."""
+    if is_dataset_spec(path):
+        return False
+    path = storage.location(path)  # type: ignore[arg-type]
     if path.suffix.lower() != ".parquet" or not path.is_file():
         return False
     try:
-        schema = pq.read_schema(path)
-    except (OSError, pa.ArrowInvalid):
+        schema = storage.read_schema(path)
+    except (OSError, pa.ArrowInvalid, InputError):
         return False
     return METADATA_KEY in (schema.metadata or {}) and {"score", "flagged"} <= set(schema.names)
 
 
-def read_rows(path: Path, *, prompt_column: str | None, id_column: str | None, all_rows: bool) -> pd.DataFrame:
+def read_rows(path: str | Location, *, prompt_column: str | None, id_column: str | None,
+              all_rows: bool) -> pd.DataFrame:
     """Canonical `prompt_id`, `prompt` rows to mitigate, in input order."""
     if not is_detect_output(path):
         return PromptSource(path, prompt_column=prompt_column, id_column=id_column).read()[["prompt_id", "prompt"]]
+    path = storage.location(path)
     check_detect_output(path, all_rows=all_rows)
     scores, _facts = read_scores(path)
     if not all_rows:
@@ -44,13 +50,13 @@ def read_rows(path: Path, *, prompt_column: str | None, id_column: str | None, a
     return scores[["prompt_id", "prompt"]].reset_index(drop=True)
 
 
-def check_detect_output(path: Path, *, all_rows: bool) -> None:
+def check_detect_output(path: Location, *, all_rows: bool) -> None:
     """Refuse a detect output without prompt text, or without flags unless every row is asked for."""
-    schema = pq.read_schema(path)
+    schema = storage.read_schema(path)
     if "prompt" not in schema.names:
         raise InputError(f"{path}: this detect output has no prompt text (written with --no-store-prompt)")
     if not all_rows:
-        flagged = pq.read_table(path, columns=["flagged"]).column("flagged")
+        flagged = storage.read_table(path, columns=["flagged"]).column("flagged")
         if flagged.null_count == len(flagged):
             raise UsageError(f"{path}: no row is flagged or not (detect ran without a threshold); pass --all")
 
