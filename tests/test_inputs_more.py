@@ -305,3 +305,21 @@ def test_mitigate_evaluate_report_calibrate_read_and_write_a_bucket(tmp_path: Pa
         assert missing.exit_code == EXIT_INPUT and len(missing.stderr.strip().splitlines()) == 1, missing.output
         assert s3.url("nope.parquet") in missing.stderr
         assert not Path("s3:").exists()
+
+
+def test_tar_shards_on_a_bucket_by_brace_range(tmp_path: Path) -> None:
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from _s3 import s3_bucket
+
+    from memscan.run.plan import expand_inputs
+
+    with s3_bucket("shards") as s3:
+        for n in range(3):
+            local = write_shard(tmp_path / f"captions-{n:03d}.tar", _samples(10 * n, 3))
+            s3.put(f"wds/captions-{n:03d}.tar", local.read_bytes())
+        found = expand_inputs(s3.url("wds/captions-{000..001}.tar"))
+        assert [str(p) for p in found] == [s3.url("wds/captions-000.tar"), s3.url("wds/captions-001.tar")]
+        pd.testing.assert_frame_equal(PromptSource(found[1]).read(), PromptSource(tmp_path / "captions-001.tar").read())
+        with pytest.raises(InputError, match=r"captions-003.tar: no such file \(1 of the 2 names"):
+            expand_inputs(s3.url("wds/captions-{002..003}.tar"))
