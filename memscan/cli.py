@@ -899,6 +899,50 @@ def confirm_cmd(
              + (f", {s['contact_sheet']}" if s["contact_sheet"] else ""))
 
 
+@app.command("generate", epilog=(
+    "\b\nExamples:\n"
+    "  memscan generate prompts.csv -o images/ --guard optimize --num-images-per-prompt 4\n"
+    "  memscan generate prompts.csv -o images/ --model sd-v1-4 --guard block --device cuda"
+))
+def generate_cmd(
+    input_path: Annotated[str, typer.Argument(metavar="PROMPTS", help="Prompts: CSV, TSV, Parquet, JSONL or TXT (optionally .gz), a local path or URL.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Output directory: images/<id>-<k>.png, decisions.parquet (one row per image), log/ parts; a rerun resumes.")],
+    guard: Annotated[str, typer.Option("--guard", help="warn, block, reseed, optimize, rewrite, or off (no scoring).")] = "warn",
+    model: Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, or hub id (with a VAE).")] = "demo",
+    threshold: Annotated[float | None, typer.Option(help="Flag prompts scoring above this (default: the profile's).")] = None,
+    num_images_per_prompt: Annotated[int, typer.Option("--num-images-per-prompt", "-k", help="Images per prompt.")] = 1,
+    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 50,
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale", help="Classifier-free guidance scale.")] = 7.5,
+    seed: Annotated[int, typer.Option(help="Image k of row r starts from seed + r * K + k.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per guarded pipeline call.")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
+    prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="Prompt column (default: prompt, caption or text).")] = None,
+    id_column: Annotated[str | None, typer.Option("--id-column", help="Id column (default: FILE:ROW).")] = None,
+    log_interval: Annotated[float, typer.Option("--log-interval", help="Seconds between progress lines when not on a terminal.")] = 60.0,
+    json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+) -> None:
+    """Generate images through the memorization guard: PNGs and a Parquet log of its decisions."""
+    with cli_errors():
+        from memscan.generate import GenerateSettings, check_generate_output, generate_images
+        from memscan.progress import Progress
+
+        settings = GenerateSettings(
+            model=model, guard=guard, threshold=threshold, num_images_per_prompt=num_images_per_prompt, steps=steps,
+            guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
+            prompt_column=prompt_column, id_column=id_column,
+        )
+        settings.check()
+        check_generate_output(output, input_path, settings)  # before the model loads
+        progress = Progress(interval=log_interval, stream=sys.stderr)
+        s = generate_images(input_path, output, settings, progress=progress).summary
+        if json_summary:
+            typer.echo(json.dumps(s, indent=2))
+        actions = ", ".join(f"{n} {a}" for a, n in sorted(s["actions"].items())) or "none"
+        _say(f"{s['prompts']} prompts ({s['skipped_done']} done before), {s['images']} images, actions: {actions}, "
+             f"{s['errors']} errors, guard {s['guard']} -> {s['output']}")
+
+
 cache_app = typer.Typer(
     help="Inspect and compact a score cache (detect --cache).", no_args_is_help=True,
     epilog="\b\nExamples:\n  memscan cache info scores-cache/\n  memscan cache compact s3://bucket/memscan-cache/",
