@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from memscan.cli import app
 from memscan.demo import valid
+from memscan.demo.data import PROMPT_COLUMNS
 from memscan.demo.train import TrainConfig, demo_config, design_module, train_demo, training_target
 from memscan.errors import EXIT_USAGE, UsageError
 from memscan.paths import data_dir
@@ -215,11 +216,17 @@ def test_shipped_model_loads_as_v_prediction():
 
 @shipped
 def test_shipped_prompts_match_the_generator():
+    """The generator's prompts plus `copies` (1: both of 2 generations copied the training image in
+    `memscan demo verify --design valid-v --n 2`), which only memorized prompts may have."""
     df = pd.read_csv(VALID_DIR / "prompts.csv", keep_default_na=False)
+    assert list(df.columns) == [*PROMPT_COLUMNS, "copies"]
     assert Counter(df["label"]) == {"memorized": 40, "not_memorized": 320}
+    assert Counter(df["kind"]) == {"verbatim": 20, "template": 20, "generic": 200, "held_out": 120}
     summary = json.loads((VALID_DIR / "model" / "training.json").read_text())
     assert summary["config"]["design"] == "valid-v"
     data = valid.build_data(summary["config"]["seed"])
-    assert df.to_dict("records") == data.prompts
+    assert df[list(PROMPT_COLUMNS)].to_dict("records") == data.prompts
+    assert set(df["copies"]) == {0, 1} and (df.loc[df["label"] != "memorized", "copies"] == 0).all()
+    assert df["copies"].sum() == 29
     npz = np.load(VALID_DIR / "train_images.npz")
     assert list(npz["image_ids"]) == [m.image_id for m in data.memorized]

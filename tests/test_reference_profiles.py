@@ -35,10 +35,15 @@ PROMPTS = [
 ]
 
 # Which reference branch (its `sd_ver`) each shipped profile claims. `demo` and `sd-v2-base` are
-# not in the paper: they follow memscan's own convention, which is the reference's SD 1 definition.
+# not in the paper: they follow memscan's own convention, which on an epsilon model is the
+# reference's SD 1 definition.
 REFERENCE_BRANCH = {
     "sd-v1-4": 1, "sd-v1-5": 1, "sd-v2": 2, "realistic-vision": 99, "demo": 1, "sd-v2-base": 1,
 }
+# Not reference profiles: memscan's own convention on a v-prediction model (v converted to epsilon,
+# unscaled norm), which equals no branch of the reference code. Checked against memscan's own
+# yardstick, `memscan.methods.anisotropy.reference_score`, instead.
+OWN_CONVENTION = {"valid-v": "v_prediction"}
 # The weights hard-coded in the reference's detect_eval.py, per sd_ver.
 REFERENCE_WEIGHTS = {1: (1.0, 2.0), 2: (1.0, 0.1), 99: (2.0, 1.0)}
 
@@ -83,7 +88,33 @@ def _profile_model(name: str, base: ScoringModel) -> ScoringModel:
 
 
 def test_every_shipped_profile_names_its_reference_branch() -> None:
-    assert set(REFERENCE_BRANCH) == set(available_profiles())
+    assert not set(REFERENCE_BRANCH) & set(OWN_CONVENTION)
+    assert set(REFERENCE_BRANCH) | set(OWN_CONVENTION) == set(available_profiles())
+
+
+@pytest.mark.parametrize("name", sorted(OWN_CONVENTION))
+@pytest.mark.parametrize(("n_noise", "batch_size"), [(1, 1), (4, 3)])
+def test_own_convention_profile_equals_memscans_reference_score(
+    tiny_model: ScoringModel, tiny_v_model: ScoringModel, name: str, n_noise: int, batch_size: int,
+) -> None:
+    """A profile in memscan's own convention scores as memscan's slow yardstick does, and not as
+    any branch of the reference code."""
+    from memscan.methods.anisotropy import reference_score as memscan_reference_score
+    from memscan.models.text import encode_prompts
+
+    model = _profile_model(name, tiny_v_model if OWN_CONVENTION[name] == "v_prediction" else tiny_model)
+    assert model.profile.prediction_type == OWN_CONVENTION[name]
+    assert (model.profile.v_convention, model.profile.norm_scale) == ("epsilon", "none")
+    method = method_for("anisotropy", model.profile)
+    scorer = Scorer(model, method, n_noise=n_noise, batch_size=batch_size)
+    got = torch.from_numpy(scorer.score_texts(PROMPTS).columns["score"]).double()
+    want = torch.tensor([memscan_reference_score(method, model, scorer.noise, encode_prompts(model, [p]))["score"]
+                         for p in PROMPTS], dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    g1, g2 = model.profile.w_norm, model.profile.w_align
+    for branch in (1, 2):
+        other = reference_score(model, PROMPTS[0], scorer.noise, branch, g1, g2)
+        assert abs(float(got[0]) - other) > 1e-3
 
 
 @pytest.mark.parametrize(
