@@ -514,13 +514,30 @@ def list_models() -> None:
         from memscan.models.profiles import available_profiles, load_profile
 
         table = Table(title="model profiles")
-        for column in ("name", "source", "prediction", "res", "w_norm", "w_align", "threshold"):
-            table.add_column(column, no_wrap=column != "source", overflow="fold")
+        for column in ("name", "model", "weights", "norm scale", "threshold"):
+            table.add_column(column, no_wrap=True)
+        sources = []
         for name in available_profiles():
             p = load_profile(name)
-            table.add_row(*map(_text, (name, p.source, p.prediction_type, p.resolution, p.w_norm, p.w_align,
+            kind = "v" if p.prediction_type == "v_prediction" else "eps"
+            if kind == "v":
+                kind += " (raw)" if p.v_convention == "raw" else " (as eps)"
+            table.add_row(*map(_text, (name, f"{kind} {p.resolution}", f"{p.w_norm:g} / {p.w_align:g}",
+                                       "-" if p.norm_scale == "none" else p.norm_scale,
                                        "-" if p.threshold is None else f"{p.threshold:.4g}")))
+            sources.append(f"  {name}: {_shown_source(p.source)}")
         Console().print(table)
+        typer.echo("sources:\n" + "\n".join(sources))
+
+
+def _shown_source(source: str) -> str:
+    """A profile's source as a person reads it: bundled folders by their place in the data folder."""
+    from memscan.paths import data_dir
+
+    try:
+        return f"bundled {Path(source).resolve().relative_to(data_dir().resolve())}"
+    except (ValueError, OSError):
+        return source
 
 
 def _table_console() -> Console:

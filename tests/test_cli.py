@@ -120,6 +120,15 @@ def test_models_lists_profiles() -> None:
         assert name in result.stdout
 
 
+def test_models_fits_80_columns_and_says_what_each_profile_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    out = runner.invoke(app, ["models"]).stdout
+    assert max(len(line) for line in out.splitlines()) <= 80
+    sd2 = next(line for line in out.splitlines() if line.startswith("│ sd-v2 "))
+    assert "v (raw) 768" in sd2 and "1 / 0.1" in sd2 and "reference-v" in sd2
+    assert "  demo: bundled demo/model" in out and "  sd-v1-4: CompVis/stable-diffusion-v1-4" in out
+
+
 def test_settings_precedence_config_env_flags(
     tiny_model_dir: Path, prompts_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
