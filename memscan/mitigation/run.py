@@ -177,10 +177,10 @@ def run_mitigate(
         raise UsageError("--emit-embeddings writes one safetensors file: give -o a .parquet file, not a run directory")
     if options.retry_errors:
         raise UsageError("--retry-errors applies to detect runs only")
+    check_run_output(input_spec, out_dir, options)
     for path in expand_inputs(input_spec):
         if is_detect_output(path):
             check_detect_output(path, all_rows=settings.all_rows)
-    check_run_output(input_spec, out_dir, options)
     profile = _profile(settings)
     similarity = resolve_similarity(settings.similarity or profile.text_similarity)
     job = MitigateJob(replace(settings, target=resolve_target(settings, profile), similarity=similarity))
