@@ -209,9 +209,15 @@ def test_a_dataset_folder_of_data_files_is_streamed(tmp_path: Path, monkeypatch:
 
 
 def test_an_unreachable_hub_dataset_is_one_line_exit_4(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("datasets")
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # both libraries read the variables once, at import (diffusers imported them long before this
+    # test): without these, the load retries the unreachable hub for ~20 s instead of failing at once
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     result = runner.invoke(app, ["detect", "hf-dataset:memscan-no-such-org/no-such-captions:en#train", "-o",
                                  str(tmp_path / "o.parquet")])
