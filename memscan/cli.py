@@ -211,6 +211,8 @@ def _config_defaults(command: Any, table: dict[str, Any], where: tuple[str, ...]
     return {keys[key]: value for key, value in table.items()}
 
 
+
+
 @app.callback()
 def _root(
     ctx: typer.Context,
@@ -276,6 +278,38 @@ def _default_output(input_path: Path | str) -> Path:
     return Path(f"{name}.scores.parquet")
 
 
+# Options that several commands share, declared once (the environment names are set per command).
+AllowPickleOption = Annotated[bool, typer.Option("--allow-pickle", help="Allow .ckpt/.bin checkpoints (they can run code).")]
+ArchitectureOption = Annotated[str | None, typer.Option(help="Config folder for a single-file checkpoint: sd-v1, sd-v2, sd-v2-base.")]
+BatchSizeOption = Annotated[int, typer.Option("--batch-size", help="Prompts per UNet call.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+DtypeOption = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")]
+ExecutorOption = Annotated[str, typer.Option(help="local or ray (run directories; ray needs memscan[ray]).")]
+GpusOption = Annotated[str | None, typer.Option(help="One worker process per GPU: 0,1,... or all (run directories).")]
+IdColumnOption = Annotated[str | None, typer.Option("--id-column", help="Id column (default: FILE:ROW).")]
+IfExistsFileOption = Annotated[str, typer.Option("--if-exists", help="Output exists: fail or overwrite (never over an input).")]
+IfExistsOption = Annotated[str | None, typer.Option("--if-exists", help="Output exists: fail, overwrite, or resume (run directories) (default: fail for a file, resume for a directory).")]
+JsonCountsOption = Annotated[bool, typer.Option("--json", help="Print the counts as JSON on stdout.")]
+JsonOutOption = Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")]
+JsonSummaryOption = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
+LabelColumnOption = Annotated[str, typer.Option("--label-column", help="Name of the label column.")]
+LogIntervalOption = Annotated[float, typer.Option("--log-interval", help="Seconds between progress lines when not on a terminal.")]
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, .safetensors file, or hub id.")]
+NNoiseOption = Annotated[int | None, typer.Option("--n-noise", help="Initial noises per prompt (n) (default: the profile's calibration n_noise, else 1).")]
+NormScaleOption = Annotated[str | None, typer.Option("--norm-scale", help="Norm term: none, or reference-v (x sqrt(abar)/(1-abar) at t_hi, the reference code's SD 2 / Realistic Vision branch) (default: the profile's).")]
+PromptColumnOption = Annotated[str | None, typer.Option("--prompt-column", help="Prompt column (default: prompt, caption or text).")]
+SeedOption = Annotated[int | None, typer.Option(help="Seed of the shared noise bank (default: the profile's calibration seed, else 51).")]
+ShardSizeOption = Annotated[int, typer.Option("--shard-size", help="Rows per shard (run directories).")]
+StepsOption = Annotated[int, typer.Option(help="DDIM steps.")]
+StorageOptions = Annotated[list[str] | None, typer.Option("--storage-option", help=STORAGE_OPTION_HELP)]
+StorePromptOption = Annotated[bool, typer.Option("--store-prompt/--no-store-prompt", help="Keep the prompt text in the output.")]
+VConventionOption = Annotated[str | None, typer.Option("--v-convention", help="v-prediction models: epsilon (convert v to eps) or raw (score raw v, as the reference code).")]
+VaeModelOption = Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, or hub id (with a VAE).")]
+WAlignOption = Annotated[float | None, typer.Option("--w-align", help="Weight of the alignment term (default: the profile's).")]
+WNormOption = Annotated[float | None, typer.Option("--w-norm", help="Weight of the norm term (default: the profile's).")]
+WorkersOption = Annotated[int | None, typer.Option(help="Worker processes (CPU) or Ray actors (run directories).")]
+
+
 @app.command(cls=MethodsCommand, epilog=(
     "\b\nExamples:\n"
     "  memscan detect prompts.csv -o scores.parquet --model sd-v1-4\n"
@@ -284,37 +318,37 @@ def _default_output(input_path: Path | str) -> Path:
 def detect(
     input_path: Annotated[str, typer.Argument(metavar="INPUT", help="Prompts: CSV, TSV, Parquet, JSONL or TXT (optionally .gz), a local path or URL (s3://, gs://, az://, hf://, https://); a folder, prefix or glob for a run directory.")],
     output: Annotated[str | None, typer.Option("-o", "--output", help="A .parquet file, or a run directory (sharded, resumable): an existing directory, a path ending in '/', or a name with no suffix; other suffixes are refused (default: INPUT-NAME.scores.parquet).")] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, .safetensors file, or hub id.")] = "demo",
+    model: ModelOption = "demo",
     method: Annotated[str | None, typer.Option(help=f"Detection method: {METHODS_PLACEHOLDER}; options as NAME:key=value, e.g. wen:steps=10 (default: the one the profile was calibrated with, else anisotropy).")] = None,
-    n_noise: Annotated[int | None, typer.Option("--n-noise", help="Initial noises per prompt (n) (default: the profile's calibration n_noise, else 1).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the shared noise bank (default: the profile's calibration seed, else 51).")] = None,
+    n_noise: NNoiseOption = None,
+    seed: SeedOption = None,
     batch_size: Annotated[str, typer.Option("--batch-size", help="Prompts per UNet call, or auto: 16 off CUDA, sized from free GPU memory on CUDA (halved on out-of-memory).")] = "auto",
     compile_unet: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (static shapes; pays off on a GPU for long runs: compiling takes a minute or more).")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
     threshold: Annotated[float | None, typer.Option(help="Flag scores above this (default: the profile's).")] = None,
-    w_norm: Annotated[float | None, typer.Option("--w-norm", help="Weight of the norm term (default: the profile's).")] = None,
-    w_align: Annotated[float | None, typer.Option("--w-align", help="Weight of the alignment term (default: the profile's).")] = None,
-    v_convention: Annotated[str | None, typer.Option("--v-convention", help="v-prediction models: epsilon (convert v to eps) or raw (score raw v, as the reference code).")] = None,
-    norm_scale: Annotated[str | None, typer.Option("--norm-scale", help="Norm term: none, or reference-v (x sqrt(abar)/(1-abar) at t_hi, the reference code's SD 2 / Realistic Vision branch) (default: the profile's).")] = None,
-    architecture: Annotated[str | None, typer.Option(help="Config folder for a single-file checkpoint: sd-v1, sd-v2, sd-v2-base.")] = None,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .ckpt/.bin checkpoints (they can run code).")] = False,
-    prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="Prompt column (default: prompt, caption or text).")] = None,
-    id_column: Annotated[str | None, typer.Option("--id-column", help="Id column (default: FILE:ROW).")] = None,
-    store_prompt: Annotated[bool, typer.Option("--store-prompt/--no-store-prompt", help="Keep the prompt text in the output.")] = True,
-    if_exists: Annotated[str | None, typer.Option("--if-exists", help="Output exists: fail, overwrite, or resume (run directories) (default: fail for a file, resume for a directory).")] = None,
-    shard_size: Annotated[int, typer.Option("--shard-size", help="Rows per shard (run directories).")] = 10_000,
+    w_norm: WNormOption = None,
+    w_align: WAlignOption = None,
+    v_convention: VConventionOption = None,
+    norm_scale: NormScaleOption = None,
+    architecture: ArchitectureOption = None,
+    allow_pickle: AllowPickleOption = False,
+    prompt_column: PromptColumnOption = None,
+    id_column: IdColumnOption = None,
+    store_prompt: StorePromptOption = True,
+    if_exists: IfExistsOption = None,
+    shard_size: ShardSizeOption = 10_000,
     retry_errors: Annotated[bool, typer.Option("--retry-errors", help="Rescore only rows whose status is not ok (run directories).")] = False,
-    workers: Annotated[int | None, typer.Option(help="Worker processes (CPU) or Ray actors (run directories).")] = None,
-    gpus: Annotated[str | None, typer.Option(help="One worker process per GPU: 0,1,... or all (run directories).")] = None,
-    executor: Annotated[str, typer.Option(help="local or ray (run directories; ray needs memscan[ray]).")] = "local",
-    log_interval: Annotated[float, typer.Option("--log-interval", help="Seconds between progress lines when not on a terminal.")] = 60.0,
+    workers: WorkersOption = None,
+    gpus: GpusOption = None,
+    executor: ExecutorOption = "local",
+    log_interval: LogIntervalOption = 60.0,
     top: Annotated[int, typer.Option(help="Top-scored prompts to show (single-file output).")] = 10,
-    json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    json_summary: JsonSummaryOption = False,
     fail_on_flagged: Annotated[bool, typer.Option("--fail-on-flagged", help=f"Exit {EXIT_FLAGGED} when prompts are flagged.")] = False,
     previous: Annotated[str | None, typer.Option("--previous", help="The last audit (scores file or run directory): the summary counts prompts newly flagged, no longer flagged, added, removed, unscored since (see `memscan diff`).")] = None,
     fail_on_new_flagged: Annotated[bool, typer.Option("--fail-on-new-flagged", help=f"Exit {EXIT_FLAGGED} only when a prompt is flagged that was not flagged in --previous.")] = False,
-    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help="fsspec storage option KEY=VALUE for URL inputs and outputs (s3://, gs://, az://, hf://; repeatable; VALUE is read as JSON when it parses): endpoint_url=http://localhost:9000, anon=true; s3.KEY for one protocol only.")] = None,
+    storage_option: StorageOptions = None,
     cache: Annotated[str | None, typer.Option("--cache", help="Score cache (a folder or fsspec URL, e.g. s3://bucket/memscan-cache/): prompts already scored under the same model and settings are read from it, new ones scored and added (see `memscan cache`).")] = None,
 ) -> None:
     """Score every prompt with the anisotropy memorization metric and write Parquet."""
@@ -414,7 +448,7 @@ def _report_run(summary: dict[str, Any], json_summary: bool) -> None:
 def run_status(
     run_dir: Annotated[str, typer.Argument(help="A run directory made by `memscan detect -o DIR` or `memscan mitigate -o DIR` (a path or URL).")],
     json_summary: Annotated[bool, typer.Option("--json", help="Print the status as JSON on stdout.")] = False,
-    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help="fsspec storage option KEY=VALUE for URL inputs and outputs (s3://, gs://, az://, hf://; repeatable; VALUE is read as JSON when it parses): endpoint_url=http://localhost:9000, anon=true; s3.KEY for one protocol only.")] = None,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Planned, done, failed and pending shards, rows, rate and ETA of a run directory."""
     with cli_errors():
@@ -436,8 +470,8 @@ def merge(
     run_dir: Annotated[str, typer.Argument(help="A run directory made by `memscan detect -o DIR` or `memscan mitigate -o DIR` (a path or URL).")],
     output: Annotated[str, typer.Option("-o", "--output", help="The merged scores (or rewrites) .parquet file (a path or URL).")],
     partial: Annotated[bool, typer.Option("--partial", help="Merge the done shards of an unfinished run.")] = False,
-    if_exists: Annotated[str, typer.Option("--if-exists", help="Output exists: fail or overwrite (never over an input).")] = "fail",
-    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help="fsspec storage option KEY=VALUE for URL inputs and outputs (s3://, gs://, az://, hf://; repeatable; VALUE is read as JSON when it parses): endpoint_url=http://localhost:9000, anon=true; s3.KEY for one protocol only.")] = None,
+    if_exists: IfExistsFileOption = "fail",
+    storage_option: StorageOptions = None,
 ) -> None:
     """Merge a run directory's shards into one scores file (in input order)."""
     with cli_errors():
@@ -456,7 +490,7 @@ def diff_cmd(
     limit: Annotated[int | None, typer.Option(help="At most N entries per category (default: 10 in the table, all in --json).")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 2, not warn, when the two were scored differently (model, threshold, ...).")] = False,
     fail_on_new_flagged: Annotated[bool, typer.Option("--fail-on-new-flagged", help=f"Exit {EXIT_FLAGGED} when a prompt is newly flagged.")] = False,
-    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help="fsspec storage option KEY=VALUE for URL inputs and outputs (s3://, gs://, az://, hf://; repeatable; VALUE is read as JSON when it parses): endpoint_url=http://localhost:9000, anon=true; s3.KEY for one protocol only.")] = None,
+    storage_option: StorageOptions = None,
 ) -> None:
     """What changed between two audits, matched by prompt_id: newly flagged, no longer flagged, added, removed, unscored."""
     with cli_errors():
@@ -583,11 +617,11 @@ def _bench_table(rows: list[dict[str, Any]], title: str) -> Table:
 def evaluate_cmd(
     scores: Annotated[list[str], typer.Argument(metavar="SCORES...", help="Scores Parquet files (one per method; paths or URLs).")],
     labels: Annotated[str | None, typer.Option(help="Labels: any prompt file with a label column (1/0, memorized/not_memorized); joined on prompt_id, else prompt text (default: a label column in SCORES).")] = None,
-    label_column: Annotated[str, typer.Option("--label-column", help="Name of the label column.")] = "label",
+    label_column: LabelColumnOption = "label",
     column: Annotated[list[str] | None, typer.Option("--column", help="Score column(s) to evaluate, e.g. --column norm --column alignment (default: score).")] = None,
     target_fpr: Annotated[list[float] | None, typer.Option("--target-fpr", help="Target FPR(s) (default: 0.01 and 0.03).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
-    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help=STORAGE_OPTION_HELP)] = None,
+    json_out: JsonOutOption = False,
+    storage_option: StorageOptions = None,
 ) -> None:
     """ROC AUC and TPR at 1%/3% FPR (closest point and Wen et al.'s strictly-below point) with thresholds."""
     with cli_errors():
@@ -608,7 +642,7 @@ def calibrate_cmd(
     scores: Annotated[str, typer.Argument(metavar="SCORES", help="Scores Parquet file of labelled prompts (anisotropy: norm and alignment columns; a path or URL).")],
     output: Annotated[str, typer.Option("-o", "--output", help="Profile TOML to write (a path or URL); use it as `detect --model FILE.toml` (a local file: copy one from a store first).")],
     labels: Annotated[str | None, typer.Option(help="Labels file (see `evaluate`) (default: a label column in SCORES).")] = None,
-    label_column: Annotated[str, typer.Option("--label-column", help="Name of the label column.")] = "label",
+    label_column: LabelColumnOption = "label",
     model: Annotated[str | None, typer.Option("--model", "-m", help="Profile to start from (default: the one the scores were made with).")] = None,
     target_fpr: Annotated[float, typer.Option("--target-fpr", help="Share of clean prompts allowed above the threshold.")] = 0.01,
     confidence: Annotated[float, typer.Option(help="Probability that the FPR on new clean prompts stays within the target.")] = 0.9,
@@ -618,8 +652,8 @@ def calibrate_cmd(
     group_column: Annotated[str | None, typer.Option("--group-column", help="Column (of the labels file, else SCORES) naming each prompt's caption family: the guarantee counts families, the holdout keeps them whole.")] = None,
     groups: Annotated[str | None, typer.Option("--groups", help="auto: caption families found from the prompt text (word-set Jaccard >= 0.7, or the same caption without digits and punctuation), used as --group-column.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the calibration as JSON on stdout.")] = False,
-    if_exists: Annotated[str, typer.Option("--if-exists", help="Output exists: fail or overwrite (never over an input).")] = "fail",
-    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help=STORAGE_OPTION_HELP)] = None,
+    if_exists: IfExistsFileOption = "fail",
+    storage_option: StorageOptions = None,
 ) -> None:
     """Fit the term weights and the threshold at a target FPR on clean prompts; write a profile."""
     with cli_errors():
@@ -669,12 +703,12 @@ def report_cmd(
     scores: Annotated[list[str], typer.Argument(metavar="SCORES...", help="Scores Parquet files (one per method; paths or URLs).")],
     output: Annotated[str, typer.Option("-o", "--output", help="HTML file to write (a path or URL).")] = "report.html",
     labels: Annotated[str | None, typer.Option(help="Labels file (see `evaluate`) for histograms by class and ROC curves.")] = None,
-    label_column: Annotated[str, typer.Option("--label-column", help="Name of the label column.")] = "label",
+    label_column: LabelColumnOption = "label",
     threshold: Annotated[float | None, typer.Option(help="Threshold to draw (default: the one the scores were flagged with).")] = None,
     top: Annotated[int, typer.Option(help="Top-scored prompts listed per method.")] = 20,
     title: Annotated[str, typer.Option(help="Page title.")] = "memscan report",
-    if_exists: Annotated[str, typer.Option("--if-exists", help="Output exists: fail or overwrite (never over an input).")] = "fail",
-    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help=STORAGE_OPTION_HELP)] = None,
+    if_exists: IfExistsFileOption = "fail",
+    storage_option: StorageOptions = None,
 ) -> None:
     """One self-contained HTML page: histograms, ROC curves, threshold, top flagged prompts."""
     with cli_errors():
@@ -693,19 +727,19 @@ def report_cmd(
     "  memscan bench --model demo --out-dir bench/ --report bench.html"
 ))
 def bench_cmd(
-    model: Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, .safetensors file, or hub id.")] = "demo",
+    model: ModelOption = "demo",
     suite: Annotated[str | None, typer.Option(help="sd1 (sd1_mem vs sd1_nmem), sd2 (sd2_mem vs sd1_nmem), demo, or a prompt file with a label column (default: by model).")] = None,
     methods: Annotated[str, typer.Option(help=f"Comma-separated method specs of {METHODS_PLACEHOLDER}, options as NAME:key=value, e.g. anisotropy,wen:steps=10.")] = "anisotropy,wen,norm,alignment,sharpness",
     limit: Annotated[int | None, typer.Option(help="At most this many prompts of each class (seeded sample).")] = None,
-    n_noise: Annotated[int | None, typer.Option("--n-noise", help="Initial noises per prompt (n) (default: the profile's calibration n_noise, else 1).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the shared noise bank (default: the profile's calibration seed, else 51).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per UNet call.")] = 16,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
+    n_noise: NNoiseOption = None,
+    seed: SeedOption = None,
+    batch_size: BatchSizeOption = 16,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
     out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Write one scores Parquet per method and labels.csv here.")] = None,
     report: Annotated[Path | None, typer.Option(help="Also write the HTML report here.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
-    if_exists: Annotated[str, typer.Option("--if-exists", help="Output exists: fail or overwrite (never over an input).")] = "fail",
+    json_out: JsonOutOption = False,
+    if_exists: IfExistsFileOption = "fail",
 ) -> None:
     """The public benchmark (or the demo's labelled prompts) for every method: AUC, TPR@FPR, speed."""
     with cli_errors():
@@ -742,7 +776,7 @@ def bench_cmd(
 def mitigate_cmd(
     input_path: Annotated[str, typer.Argument(metavar="INPUT", help="Prompts (CSV, TSV, Parquet, JSONL, TXT, tar shards, hf-dataset:NAME) or a `detect` output Parquet (its flagged rows), a local path or URL; a folder, prefix or glob for a run directory.")],
     output: Annotated[str | None, typer.Option("-o", "--output", help="A .parquet file, or a run directory (sharded, resumable): an existing directory, a path ending in '/', or a name with no suffix; other suffixes are refused (default: INPUT-NAME.mitigated.parquet).")] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, .safetensors file, or hub id.")] = "demo",
+    model: ModelOption = "demo",
     target: Annotated[float | None, typer.Option(help="Rewrite until the score is below this (default: the profile's threshold).")] = None,
     min_similarity: Annotated[float, typer.Option("--min-similarity", help="Least text similarity (see --similarity) of a rewrite to the original.")] = 0.8,
     beam_width: Annotated[int, typer.Option("--beam-width", help="Candidates kept per round (half by score, half by similarity).")] = 4,
@@ -753,27 +787,27 @@ def mitigate_cmd(
     all_rows: Annotated[bool, typer.Option("--all", help="From a detect output, take every row, not only the flagged ones.")] = False,
     emit_embeddings: Annotated[str | None, typer.Option("--emit-embeddings", help="Also optimise each prompt's embedding; save them here (safetensors, by prompt_id; a path or URL).")] = None,
     embedding_steps: Annotated[int, typer.Option("--embedding-steps", help="Most AdamW steps (lr 0.05) of the embedding optimisation.")] = 50,
-    n_noise: Annotated[int | None, typer.Option("--n-noise", help="Initial noises per prompt (n) (default: the profile's calibration n_noise, else 1).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the shared noise bank (default: the profile's calibration seed, else 51).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per UNet call.")] = 16,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
-    w_norm: Annotated[float | None, typer.Option("--w-norm", help="Weight of the norm term (default: the profile's).")] = None,
-    w_align: Annotated[float | None, typer.Option("--w-align", help="Weight of the alignment term (default: the profile's).")] = None,
-    v_convention: Annotated[str | None, typer.Option("--v-convention", help="v-prediction models: epsilon (convert v to eps) or raw (score raw v, as the reference code).")] = None,
-    norm_scale: Annotated[str | None, typer.Option("--norm-scale", help="Norm term: none, or reference-v (x sqrt(abar)/(1-abar) at t_hi, the reference code's SD 2 / Realistic Vision branch) (default: the profile's).")] = None,
-    architecture: Annotated[str | None, typer.Option(help="Config folder for a single-file checkpoint: sd-v1, sd-v2, sd-v2-base.")] = None,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .ckpt/.bin checkpoints (they can run code).")] = False,
-    prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="Prompt column (default: prompt, caption or text).")] = None,
-    id_column: Annotated[str | None, typer.Option("--id-column", help="Id column (default: FILE:ROW).")] = None,
-    if_exists: Annotated[str | None, typer.Option("--if-exists", help="Output exists: fail, overwrite, or resume (run directories) (default: fail for a file, resume for a directory).")] = None,
-    shard_size: Annotated[int, typer.Option("--shard-size", help="Rows per shard (run directories).")] = 10_000,
-    workers: Annotated[int | None, typer.Option(help="Worker processes (CPU) or Ray actors (run directories).")] = None,
-    gpus: Annotated[str | None, typer.Option(help="One worker process per GPU: 0,1,... or all (run directories).")] = None,
-    executor: Annotated[str, typer.Option(help="local or ray (run directories; ray needs memscan[ray]).")] = "local",
-    log_interval: Annotated[float, typer.Option("--log-interval", help="Seconds between progress lines when not on a terminal.")] = 60.0,
-    json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
-    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help=STORAGE_OPTION_HELP)] = None,
+    n_noise: NNoiseOption = None,
+    seed: SeedOption = None,
+    batch_size: BatchSizeOption = 16,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    w_norm: WNormOption = None,
+    w_align: WAlignOption = None,
+    v_convention: VConventionOption = None,
+    norm_scale: NormScaleOption = None,
+    architecture: ArchitectureOption = None,
+    allow_pickle: AllowPickleOption = False,
+    prompt_column: PromptColumnOption = None,
+    id_column: IdColumnOption = None,
+    if_exists: IfExistsOption = None,
+    shard_size: ShardSizeOption = 10_000,
+    workers: WorkersOption = None,
+    gpus: GpusOption = None,
+    executor: ExecutorOption = "local",
+    log_interval: LogIntervalOption = 60.0,
+    json_summary: JsonSummaryOption = False,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Rewrite memorized prompts into close ones that score under the threshold."""
     with cli_errors():
@@ -839,7 +873,7 @@ def _report_mitigate_run(summary: dict[str, Any], json_summary: bool) -> None:
 def confirm_cmd(
     input_path: Annotated[str, typer.Argument(metavar="PROMPTS", help="Candidate prompts: CSV, TSV, Parquet, JSONL, TXT (optionally .gz), tar shards or hf-dataset:NAME, a local path or URL; a folder, prefix or glob for a run directory.")],
     output: Annotated[str | None, typer.Option("-o", "--output", help="A labelled .csv or .parquet file, or a run directory (sharded, resumable): an existing directory, a path ending in '/', or a name with no suffix (default: PROMPTS-NAME.labels.csv).")] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, or hub id (with a VAE).")] = "demo",
+    model: VaeModelOption = "demo",
     k: Annotated[int, typer.Option("--k", "-k", help="Generations per prompt, from seeds SEED, SEED+1, ...")] = 4,
     embedder: Annotated[str, typer.Option(help="Image similarity: pixel (downsampled pixels), vae (the model's own VAE latents), or a CLIP/DINO vision model, a folder or cached hub id (cosine).")] = "vae",
     threshold: Annotated[float | None, typer.Option(help="Near-duplicate distance (default per embedder: pixel 0.018, vae 0.054, a model 0.05 cosine).")] = None,
@@ -848,25 +882,25 @@ def confirm_cmd(
     train_roundtrip: Annotated[bool, typer.Option("--train-roundtrip/--no-train-roundtrip", help="Compare generations with the training images' round trip through the model's VAE (the closest image it can make), not the raw images.")] = True,
     contact_sheet: Annotated[str | None, typer.Option("--contact-sheet", help="Also write an HTML page of each prompt's generations and its training match (a path or URL).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the first generation.")] = 0,
-    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 50,
+    steps: StepsOption = 50,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pipeline call (halved on out-of-memory).")] = 16,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
-    architecture: Annotated[str | None, typer.Option(help="Config folder for a single-file checkpoint: sd-v1, sd-v2, sd-v2-base.")] = None,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .ckpt/.bin checkpoints (they can run code).")] = False,
-    prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="Prompt column (default: prompt, caption or text).")] = None,
-    id_column: Annotated[str | None, typer.Option("--id-column", help="Id column (default: FILE:ROW).")] = None,
-    store_prompt: Annotated[bool, typer.Option("--store-prompt/--no-store-prompt", help="Keep the prompt text in the output.")] = True,
-    if_exists: Annotated[str | None, typer.Option("--if-exists", help="Output exists: fail, overwrite, or resume (run directories) (default: fail for a file, resume for a directory).")] = None,
-    shard_size: Annotated[int, typer.Option("--shard-size", help="Rows per shard (run directories).")] = 10_000,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    architecture: ArchitectureOption = None,
+    allow_pickle: AllowPickleOption = False,
+    prompt_column: PromptColumnOption = None,
+    id_column: IdColumnOption = None,
+    store_prompt: StorePromptOption = True,
+    if_exists: IfExistsOption = None,
+    shard_size: ShardSizeOption = 10_000,
     retry_errors: Annotated[bool, typer.Option("--retry-errors", help="Label again only rows whose status is not ok (run directories).")] = False,
-    workers: Annotated[int | None, typer.Option(help="Worker processes (CPU) or Ray actors (run directories).")] = None,
-    gpus: Annotated[str | None, typer.Option(help="One worker process per GPU: 0,1,... or all (run directories).")] = None,
-    executor: Annotated[str, typer.Option(help="local or ray (run directories; ray needs memscan[ray]).")] = "local",
-    log_interval: Annotated[float, typer.Option("--log-interval", help="Seconds between progress lines when not on a terminal.")] = 60.0,
-    json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
-    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help=STORAGE_OPTION_HELP)] = None,
+    workers: WorkersOption = None,
+    gpus: GpusOption = None,
+    executor: ExecutorOption = "local",
+    log_interval: LogIntervalOption = 60.0,
+    json_summary: JsonSummaryOption = False,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Label prompts memorized or not from k generations each: a labelled file for `memscan calibrate`."""
     with cli_errors():
@@ -925,19 +959,19 @@ def generate_cmd(
     input_path: Annotated[str, typer.Argument(metavar="PROMPTS", help="Prompts: CSV, TSV, Parquet, JSONL or TXT (optionally .gz), a local path or URL.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Output directory: images/<id>-<k>.png, decisions.parquet (one row per image), log/ parts; a rerun resumes.")],
     guard: Annotated[str, typer.Option("--guard", help="warn, block, reseed, optimize, rewrite, or off (no scoring).")] = "warn",
-    model: Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, or hub id (with a VAE).")] = "demo",
+    model: VaeModelOption = "demo",
     threshold: Annotated[float | None, typer.Option(help="Flag prompts scoring above this (default: the profile's).")] = None,
     num_images_per_prompt: Annotated[int, typer.Option("--num-images-per-prompt", "-k", help="Images per prompt.")] = 1,
-    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 50,
+    steps: StepsOption = 50,
     guidance_scale: Annotated[float, typer.Option("--guidance-scale", help="Classifier-free guidance scale.")] = 7.5,
     seed: Annotated[int, typer.Option(help="Image k of row r starts from seed + r * K + k.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per guarded pipeline call.")] = 8,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
-    prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="Prompt column (default: prompt, caption or text).")] = None,
-    id_column: Annotated[str | None, typer.Option("--id-column", help="Id column (default: FILE:ROW).")] = None,
-    log_interval: Annotated[float, typer.Option("--log-interval", help="Seconds between progress lines when not on a terminal.")] = 60.0,
-    json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    prompt_column: PromptColumnOption = None,
+    id_column: IdColumnOption = None,
+    log_interval: LogIntervalOption = 60.0,
+    json_summary: JsonSummaryOption = False,
 ) -> None:
     """Generate images through the memorization guard: PNGs and a Parquet log of its decisions."""
     with cli_errors():
@@ -970,8 +1004,8 @@ app.add_typer(cache_app, name="cache")
 @cache_app.command("info", epilog="\b\nExample:\n  memscan cache info s3://bucket/memscan-cache/ --json")
 def cache_info(
     path: Annotated[str, typer.Argument(metavar="CACHE", help="The cache folder or URL given to detect --cache.")],
-    json_summary: Annotated[bool, typer.Option("--json", help="Print the counts as JSON on stdout.")] = False,
-    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help=STORAGE_OPTION_HELP)] = None,
+    json_summary: JsonCountsOption = False,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Fingerprints (what each scores), rows, segments and bytes of a score cache."""
     with cli_errors():
@@ -993,8 +1027,8 @@ def cache_info(
 @cache_app.command("compact", epilog="\b\nExample:\n  memscan cache compact s3://bucket/memscan-cache/")
 def cache_compact(
     path: Annotated[str, typer.Argument(metavar="CACHE", help="The cache folder or URL given to detect --cache.")],
-    json_summary: Annotated[bool, typer.Option("--json", help="Print the counts as JSON on stdout.")] = False,
-    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help=STORAGE_OPTION_HELP)] = None,
+    json_summary: JsonCountsOption = False,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Merge each fingerprint's segments into one (safe while runs append to the cache)."""
     with cli_errors():
