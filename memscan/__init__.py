@@ -16,6 +16,10 @@ Evaluating
 Rewriting
     mitigate(input, output, MitigateSettings(...)) -> MitigateResult
     run_mitigate(input, out_dir, MitigateSettings(...)) -> RunOutcome
+Guarding generation
+    Guard(pipe, profile, threshold, policy)(prompt=[...]) -> GuardResult
+                                           score a diffusers pipeline's prompts on the call's own
+                                           noise and warn, block, reseed, optimize or rewrite
 
 The names load on first use, so `import memscan` and `memscan --help` do not import torch.
 `memscan.detect` and `memscan.evaluate` are always the functions, although modules of the same
@@ -60,6 +64,9 @@ _EXPORTS = {
     "MitigateSettings": "memscan.mitigation",
     "MitigateResult": "memscan.mitigation",
     "run_mitigate": "memscan.mitigation.run",
+    # guarding generation
+    "Guard": "memscan.guard",
+    "GuardResult": "memscan.guard",
 }
 
 __all__ = [  # _EXPORTS' names, written out so linters and type checkers read them
@@ -69,6 +76,7 @@ __all__ = [  # _EXPORTS' names, written out so linters and type checkers read th
     "evaluate", "evaluate_files", "calibrate_scores", "Evaluation", "OperatingPoint", "Calibration", "run_bench",
     "BenchResult",
     "mitigate", "MitigateSettings", "MitigateResult", "run_mitigate",
+    "Guard", "GuardResult",
     "MemscanError", "UsageError", "ConfigError", "ModelError", "InputError",
 ]
 
@@ -77,6 +85,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from memscan.config import DetectSettings
     from memscan.detect import DetectResult, detect, score_prompts
     from memscan.evaluate import Calibration, Evaluation, OperatingPoint, calibrate_scores, evaluate, evaluate_files
+    from memscan.guard import Guard, GuardResult
     from memscan.mitigation import MitigateResult, MitigateSettings, mitigate
     from memscan.mitigation.run import run_mitigate
     from memscan.models.loading import ScoringModel, load_model
