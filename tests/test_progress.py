@@ -78,7 +78,9 @@ def test_worker_processes_report_batches_to_the_parent(tiny_model_dir: Path, tmp
                          interactive=False)
     assert outcome.exit_code == 0
     stderr = capsys.readouterr().err
-    assert stderr.count("model loaded in ") == 2
+    # one line per worker that loaded before the run ended: a worker still loading when the other has
+    # done both shards is not waited for (the parent stops reading when no shard is left)
+    assert 1 <= stderr.count("model loaded in ") <= 2
     rows = [int(m[3]) for m in _progress_lines(stderr)]
     assert any(r % 6 for r in rows), rows  # counts that fall inside a shard came from the workers' batches
     assert rows == sorted(rows) and rows[-1] == 12
@@ -212,7 +214,9 @@ def test_ray_actors_report_batches_to_the_driver(tiny_model_dir: Path, tmp_path:
         ray.shutdown()
     assert outcome.exit_code == 0
     stderr = capsys.readouterr().err
-    assert stderr.count("model loaded in ") == 2
+    # one line per worker that loaded before the run ended: a worker still loading when the other has
+    # done both shards is not waited for (the parent stops reading when no shard is left)
+    assert 1 <= stderr.count("model loaded in ") <= 2
     rows = [int(m[3]) for m in _progress_lines(stderr)]
     assert any(r % 6 for r in rows), rows
     assert rows[-1] == 12
