@@ -74,13 +74,17 @@ class Progress:
     def start(self, line: str, *, total: int | None = None) -> None:
         """What is being scored (one line, also without a terminal); begins timing the model load.
 
-        The line is shown with the first news (model loaded, rows, the end), so a run that fails
-        while loading the model says only its error."""
+        Without a terminal the line is shown with the first news (model loaded, rows, the end), so
+        a run that fails while loading the model logs only its error; on a terminal it is shown at
+        once, so a person is not left looking at nothing while a large model loads."""
         if total is not None:
             self.total = total
         self._started = self.clock()
         self._rows_at_clock = self.rows()
         self._start_line = line
+        if self.interactive:
+            self._start_line = None
+            self.say(f"{line}; loading the model")
 
     def _begin(self) -> None:
         """Show the start line and, on a terminal, start the bar (once)."""

@@ -154,6 +154,17 @@ def test_progress_bar_on_a_terminal_shows_rows_rate_and_eta() -> None:
     assert "4/10 rows" in text and "2.0 rows/s" in text and "ETA 3.0 s" in text
 
 
+def test_a_terminal_sees_the_start_line_while_the_model_loads() -> None:
+    """Without a terminal the start line waits for news (a failed load logs only its error)."""
+    from memscan.progress import Progress
+
+    tty, log = io.StringIO(), io.StringIO()
+    Progress(stream=tty, interactive=True).start("scoring 10 rows of p.csv with model sd-v1-4", total=10)
+    Progress(stream=log, interactive=False).start("scoring 10 rows of p.csv with model sd-v1-4", total=10)
+    assert "scoring 10 rows of p.csv with model sd-v1-4; loading the model" in tty.getvalue()
+    assert log.getvalue() == ""
+
+
 def test_durations_in_words() -> None:
     from memscan.progress import format_duration
 
