@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memscan.demo.data import PROMPT_COLUMNS, MemorizedImage
+from memscan.demo.data import PROMPT_COLUMNS, DemoData, MemorizedImage
 
 NAME = "valid-v"
 IMAGE_SIZE = 32
@@ -381,25 +381,6 @@ def vary_phrasing(caption: str, rng: np.random.Generator) -> str:
 # ----------------------------------------------------------------------------- the dataset
 
 
-@dataclass
-class ValidData:
-    """The fixed part of the training set and the labelled evaluation prompts (the demo's
-    `DemoData` interface: `memorized`, `memorized_images`, `prompts`)."""
-
-    seed: int
-    memorized: list[MemorizedImage]
-    held_out_combos: frozenset
-    held_out_noise: frozenset  # names never used in training
-    prompts: list[dict[str, object]]
-
-    @property
-    def memorized_images(self) -> np.ndarray:
-        return np.stack([m.image for m in self.memorized])
-
-    def memorized_pairs(self) -> list[tuple[int, str]]:
-        return [(i, c) for i, m in enumerate(self.memorized) for c in m.captions]
-
-
 def build_data(
     seed: int = 0,
     n_verbatim: int = 20,
@@ -407,7 +388,7 @@ def build_data(
     n_generic_eval: int = 200,
     n_held_out_generic: int = 80,
     n_held_out_verbatim: int = 40,
-) -> ValidData:
+) -> DemoData:
     """The memorized images/captions and the labelled prompts, deterministic from `seed`."""
     if n_verbatim > len(VERBATIM_FIRST):
         raise ValueError(f"at most {len(VERBATIM_FIRST)} verbatim captions")
@@ -460,8 +441,8 @@ def build_data(
         key = trained[rng.integers(len(trained))]
         prompts.append({"prompt": VERBATIM_FORMAT.format(description=describe(key), name=name),
                         "label": "not_memorized", "kind": "held_out", "train_image_id": ""})
-    return ValidData(seed=seed, memorized=memorized, held_out_combos=held_out, held_out_noise=held_names,
-                     prompts=prompts)
+    return DemoData(seed=seed, memorized=memorized, held_out_combos=held_out, held_out_noise=held_names,
+                    prompts=prompts)
 
 
 class GenericPool:
@@ -476,7 +457,7 @@ class GenericPool:
     def __len__(self) -> int:
         return len(self.attrs)
 
-    def captions(self, idx: np.ndarray, rng: np.random.Generator, data: ValidData,
+    def captions(self, idx: np.ndarray, rng: np.random.Generator, data: DemoData,
                  variety: float = 0.0) -> list[str]:
         """A fresh generic caption for each scene of `idx`; a share `variety` of them rephrased."""
         captions = [generic_caption(self.attrs[i], rng, data.held_out_combos, data.held_out_noise) for i in idx]
