@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,28 @@ def prompts_csv(tmp_path: Path) -> Path:
         encoding="utf-8",
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny epsilon pipeline WITH its VAE saved as a diffusers folder (for generating commands)."""
+    folder = tmp_path_factory.mktemp("tiny-sd-vae")
+    pipeline = build_tiny_pipeline(seed=0, with_vae=True)
+    strengthen_text_conditioning(pipeline.unet)
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+_CLI_WITHOUT = """
+import sys
+sys.modules[sys.argv[1]] = None  # as if the optional package were not installed
+from memscan.cli import main
+sys.argv = ["memscan", *sys.argv[2:]]
+main()
+"""
+
+
+def run_cli_without(package: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`memscan ARGS` in a fresh interpreter where importing `package` fails (a missing extra)."""
+    return subprocess.run([sys.executable, "-c", _CLI_WITHOUT, package, *args], capture_output=True, text=True,
+                          timeout=300)

@@ -43,16 +43,6 @@ def vae_model() -> ScoringModel:
     return scoring_model_from_pipeline(pipeline, profile)
 
 
-@pytest.fixture(scope="module")
-def vae_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same tiny pipeline with its VAE saved as a diffusers folder (what `--model DIR` loads)."""
-    folder = tmp_path_factory.mktemp("tiny-sd-vae")
-    pipeline = build_tiny_pipeline(seed=0, with_vae=True)
-    strengthen_text_conditioning(pipeline.unet)
-    pipeline.save_pretrained(folder)
-    return folder
-
-
 # ------------------------------------------------------------------ generation
 
 
@@ -212,9 +202,9 @@ def _cli(*args: str) -> list[str]:
     return ["confirm", *args, "--k", "2", "--steps", "2", "--batch-size", "4", "--device", "cpu"]
 
 
-def test_cli_writes_a_labelled_file_that_calibrate_accepts(vae_model_dir: Path, tmp_path: Path) -> None:
+def test_cli_writes_a_labelled_file_that_calibrate_accepts(tiny_vae_model_dir: Path, tmp_path: Path) -> None:
     prompts = _prompts(tmp_path)
-    probe = runner.invoke(app, _cli(str(prompts), "--model", str(vae_model_dir), "--embedder", "pixel",
+    probe = runner.invoke(app, _cli(str(prompts), "--model", str(tiny_vae_model_dir), "--embedder", "pixel",
                                     "-o", str(tmp_path / "probe.parquet"), "--json"))
     assert probe.exit_code == 0, probe.output
     distance = pq.read_table(tmp_path / "probe.parquet").to_pandas()["cluster_distance"].dropna().sort_values().unique()
@@ -222,7 +212,7 @@ def test_cli_writes_a_labelled_file_that_calibrate_accepts(vae_model_dir: Path, 
     threshold = float((distance[1] + distance[2]) / 2)  # two prompts on each side
     labels = tmp_path / "labels.csv"
     sheet = tmp_path / "sheet.html"
-    result = runner.invoke(app, _cli(str(prompts), "--model", str(vae_model_dir), "--embedder", "pixel",
+    result = runner.invoke(app, _cli(str(prompts), "--model", str(tiny_vae_model_dir), "--embedder", "pixel",
                                      "--threshold", str(threshold), "-o", str(labels), "--contact-sheet", str(sheet),
                                      "--json"))
     assert result.exit_code == 0, result.output
@@ -243,7 +233,7 @@ def test_cli_writes_a_labelled_file_that_calibrate_accepts(vae_model_dir: Path, 
     assert page.count("data:image/png;base64,") == 5 and "a photo of a cat" in page
 
     scores = tmp_path / "scores.parquet"
-    detect = runner.invoke(app, ["detect", str(prompts), "--model", str(vae_model_dir), "-o", str(scores)])
+    detect = runner.invoke(app, ["detect", str(prompts), "--model", str(tiny_vae_model_dir), "-o", str(scores)])
     assert detect.exit_code == 0, detect.output
     calibrated = runner.invoke(app, ["calibrate", str(scores), "--labels", str(labels), "-o", str(tmp_path / "p.toml"),
                                      "--json"])
@@ -252,11 +242,11 @@ def test_cli_writes_a_labelled_file_that_calibrate_accepts(vae_model_dir: Path, 
     assert (cal["n_memorized"], cal["n_clean"]) == (expected, 5 - expected)
 
 
-def test_cli_run_directory_then_merge(vae_model_dir: Path, tmp_path: Path) -> None:
+def test_cli_run_directory_then_merge(tiny_vae_model_dir: Path, tmp_path: Path) -> None:
     prompts = _prompts(tmp_path)
     out = tmp_path / "confirm-run"
     sheet = tmp_path / "sheet.html"
-    args = _cli(str(prompts), "--model", str(vae_model_dir), "--embedder", "pixel", "-o", str(out),
+    args = _cli(str(prompts), "--model", str(tiny_vae_model_dir), "--embedder", "pixel", "-o", str(out),
                 "--shard-size", "4", "--contact-sheet", str(sheet), "--json")
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -274,7 +264,7 @@ def test_cli_run_directory_then_merge(vae_model_dir: Path, tmp_path: Path) -> No
     assert len(frame) == 6 and frame["label"].notna().sum() == 5 and "sheet_png" in frame
 
 
-def test_cli_errors_are_one_line(vae_model_dir: Path, tmp_path: Path) -> None:
+def test_cli_errors_are_one_line(tiny_vae_model_dir: Path, tmp_path: Path) -> None:
     prompts = _prompts(tmp_path)
     out = tmp_path / "labels.csv"
 
@@ -283,19 +273,20 @@ def test_cli_errors_are_one_line(vae_model_dir: Path, tmp_path: Path) -> None:
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         return result
 
-    bad = run("--model", str(vae_model_dir), "--embedder", "nonsense", "-o", str(out))
+    bad = run("--model", str(tiny_vae_model_dir), "--embedder", "nonsense", "-o", str(out))
     assert bad.exit_code == 2 and "--embedder 'nonsense'" in bad.stderr and not out.exists()
     empty_folder = tmp_path / "not-a-model"
     empty_folder.mkdir()
-    folder = run("--model", str(vae_model_dir), "--embedder", str(empty_folder), "-o", str(out))
+    folder = run("--model", str(tiny_vae_model_dir), "--embedder", str(empty_folder), "-o", str(out))
     assert folder.exit_code == 2 and "no config.json" in folder.stderr
     out.write_text("prompt_id,label\n", encoding="utf-8")
     # refused before the model loads: the model does not even exist
     exists = run("--model", str(tmp_path / "no-model"), "-o", str(out))
     assert exists.exit_code == 2 and "--if-exists overwrite" in exists.stderr
-    suffix = run("--model", str(vae_model_dir), "-o", str(tmp_path / "labels.txt"))
+    suffix = run("--model", str(tiny_vae_model_dir), "-o", str(tmp_path / "labels.txt"))
     assert suffix.exit_code == 2 and ".csv or .parquet" in suffix.stderr
-    missing = run("--model", str(vae_model_dir), "--train-images", str(tmp_path / "no"), "-o", str(tmp_path / "x.csv"))
+    missing = run("--model", str(tiny_vae_model_dir), "--train-images", str(tmp_path / "no"),
+                  "-o", str(tmp_path / "x.csv"))
     assert missing.exit_code == 4 and "--train-images" in missing.stderr
     small_k = runner.invoke(app, ["confirm", str(prompts), "--k", "1", "-o", str(tmp_path / "y.csv")])
     assert small_k.exit_code == 2 and "--k must be >= 2" in small_k.stderr

@@ -12,20 +12,9 @@ from typer.testing import CliRunner
 
 from memscan.cli import app
 from memscan.generate import safe_id
-from memscan.models.builders import build_tiny_pipeline
-from tests.conftest import strengthen_text_conditioning
 
 runner = CliRunner()
 PROMPTS = ["a photo of a cat", "a red square on a blue background", "the mona lisa"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-sd-vae")
-    pipeline = build_tiny_pipeline(seed=0, with_vae=True)
-    strengthen_text_conditioning(pipeline.unet)
-    pipeline.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture
@@ -45,9 +34,11 @@ def _pngs(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((out / "images").glob("*.png"))}
 
 
-def test_writes_pngs_and_a_decision_log_and_a_rerun_does_nothing(model_dir: Path, prompts: Path, tmp_path: Path):
+def test_writes_pngs_and_a_decision_log_and_a_rerun_does_nothing(
+    tiny_vae_model_dir: Path, prompts: Path, tmp_path: Path
+):
     out = tmp_path / "gen"
-    result = _run(model_dir, prompts, out, "--guard", "warn", "--threshold", "-1e9")
+    result = _run(tiny_vae_model_dir, prompts, out, "--guard", "warn", "--threshold", "-1e9")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert (summary["prompts"], summary["images"], summary["actions"]) == (3, 6, {"warn": 3})
@@ -61,22 +52,22 @@ def test_writes_pngs_and_a_decision_log_and_a_rerun_does_nothing(model_dir: Path
     assert len(pngs) == 6 and all(png.startswith(b"\x89PNG") for png in pngs.values())
     assert "/" not in safe_id("square/red") and safe_id("square/red") != safe_id("square_red")
 
-    again = _run(model_dir, prompts, out, "--guard", "warn", "--threshold", "-1e9")
+    again = _run(tiny_vae_model_dir, prompts, out, "--guard", "warn", "--threshold", "-1e9")
     assert again.exit_code == 0, again.output
     assert (json.loads(again.stdout)["generated_now"], json.loads(again.stdout)["skipped_done"]) == (0, 3)
     assert _pngs(out) == pngs
 
     # unflagged prompts through the guard: the very pixels of an unguarded run
-    off = _run(model_dir, prompts, tmp_path / "off", "--guard", "off")
-    quiet = _run(model_dir, prompts, tmp_path / "quiet", "--guard", "warn", "--threshold", "1e9")
+    off = _run(tiny_vae_model_dir, prompts, tmp_path / "off", "--guard", "off")
+    quiet = _run(tiny_vae_model_dir, prompts, tmp_path / "quiet", "--guard", "warn", "--threshold", "1e9")
     assert off.exit_code == 0 and quiet.exit_code == 0, off.output + quiet.output
     assert _pngs(tmp_path / "off") == _pngs(tmp_path / "quiet") == pngs
     assert pd.read_parquet(tmp_path / "quiet" / "decisions.parquet")["action"].eq("none").all()
 
 
-def test_block_writes_no_png_for_flagged_prompts(model_dir: Path, prompts: Path, tmp_path: Path):
+def test_block_writes_no_png_for_flagged_prompts(tiny_vae_model_dir: Path, prompts: Path, tmp_path: Path):
     out = tmp_path / "blocked"
-    result = _run(model_dir, prompts, out, "--guard", "block", "--threshold", "-1e9")
+    result = _run(tiny_vae_model_dir, prompts, out, "--guard", "block", "--threshold", "-1e9")
     assert result.exit_code == 0, result.output
     log = pd.read_parquet(out / "decisions.parquet")
     assert len(log) == 6 and log["action"].eq("block").all() and log["image"].isna().all()
@@ -84,31 +75,33 @@ def test_block_writes_no_png_for_flagged_prompts(model_dir: Path, prompts: Path,
     assert "0 images" in result.stderr
 
 
-def test_resume_generates_only_missing_prompts_with_the_same_pixels(model_dir: Path, prompts: Path, tmp_path: Path):
+def test_resume_generates_only_missing_prompts_with_the_same_pixels(
+    tiny_vae_model_dir: Path, prompts: Path, tmp_path: Path
+):
     out = tmp_path / "gen"
-    assert _run(model_dir, prompts, out, "--guard", "off").exit_code == 0
+    assert _run(tiny_vae_model_dir, prompts, out, "--guard", "off").exit_code == 0
     before = _pngs(out)
     (out / "log" / "part-000002.parquet").unlink()  # the second batch (row 2, "mona") never finished
     for png in (out / "images").glob(f"{safe_id('mona')}-*.png"):
         png.unlink()
-    result = _run(model_dir, prompts, out, "--guard", "off")
+    result = _run(tiny_vae_model_dir, prompts, out, "--guard", "off")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert (summary["generated_now"], summary["skipped_done"], summary["images"]) == (1, 2, 6)
     assert _pngs(out) == before
 
 
-def test_changed_settings_are_refused(model_dir: Path, prompts: Path, tmp_path: Path):
+def test_changed_settings_are_refused(tiny_vae_model_dir: Path, prompts: Path, tmp_path: Path):
     out = tmp_path / "gen"
-    assert _run(model_dir, prompts, out, "--guard", "off").exit_code == 0
-    changed = _run(model_dir, prompts, out, "--guard", "block")
+    assert _run(tiny_vae_model_dir, prompts, out, "--guard", "off").exit_code == 0
+    changed = _run(tiny_vae_model_dir, prompts, out, "--guard", "block")
     assert changed.exit_code == 2 and "guard: 'off' -> 'block'" in changed.stderr
     assert len(changed.stderr.strip().splitlines()) == 1
 
 
-def test_bad_input_is_one_line(model_dir: Path, prompts: Path, tmp_path: Path):
+def test_bad_input_is_one_line(tiny_vae_model_dir: Path, prompts: Path, tmp_path: Path):
     def run(*args: str, out: Path = tmp_path / "x", source: Path = prompts):
-        result = _run(model_dir, source, out, *args)
+        result = _run(tiny_vae_model_dir, source, out, *args)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         return result
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from memscan import storage
 from memscan.cli import app
 from memscan.errors import EXIT_INPUT, EXIT_USAGE, InputError, UsageError
 from memscan.io.readers import PromptSource, read_prompts
+from tests.conftest import run_cli_without
 
 runner = CliRunner()
 
@@ -146,18 +145,8 @@ def test_tar_shards_with_brace_ranges_and_globs_plan_a_run_directory(tmp_path: P
 # ------------------------------------------------------------------------- Hugging Face datasets
 
 
-_NO_DATASETS = """
-import sys
-sys.modules["datasets"] = None  # as if memscan[datasets] was not installed
-from memscan.cli import main
-sys.argv = ["memscan", *sys.argv[1:]]
-main()
-"""
-
-
 def test_a_dataset_without_the_datasets_package_names_its_extra(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-c", _NO_DATASETS, "detect", "hf-dataset:user/captions", "-o",
-                             str(tmp_path / "o.parquet")], capture_output=True, text=True, timeout=300)
+    result = run_cli_without("datasets", "detect", "hf-dataset:user/captions", "-o", str(tmp_path / "o.parquet"))
     assert result.returncode == EXIT_USAGE, result.stderr
     assert result.stderr.strip().splitlines() == [
         "memscan: error: hf-dataset:user/captions: reading a Hugging Face dataset needs the datasets package: "

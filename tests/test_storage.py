@@ -7,8 +7,6 @@ import functools
 import http.server
 import json
 import os
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +30,7 @@ from memscan.io.readers import PromptSource  # noqa: E402
 from memscan.io.scores import read_scores, scores_schema, to_table, write_scores  # noqa: E402
 from memscan.outputs import atomic_write_bytes, check_output, output_kind  # noqa: E402
 from memscan.run.plan import expand_inputs  # noqa: E402
+from tests.conftest import run_cli_without
 
 runner = CliRunner()
 
@@ -249,18 +248,8 @@ def test_unreachable_missing_and_denied_stores_are_one_line_exit_4(s3: S3, tmp_p
     assert not Path(out).exists()
 
 
-_BLOCKED = """
-import sys
-sys.modules["s3fs"] = None  # as if memscan[s3] was not installed
-from memscan.cli import main
-sys.argv = ["memscan", *sys.argv[1:]]
-main()
-"""
-
-
 def test_a_missing_filesystem_package_names_its_extra(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-c", _BLOCKED, "detect", "s3://bucket/p.csv", "-o",
-                             str(tmp_path / "o.parquet")], capture_output=True, text=True, timeout=300)
+    result = run_cli_without("s3fs", "detect", "s3://bucket/p.csv", "-o", str(tmp_path / "o.parquet"))
     assert result.returncode == EXIT_USAGE, result.stderr
     assert result.stderr.strip().splitlines() == [
         "memscan: error: s3://bucket/p.csv: s3:// needs the s3fs package: pip install 'memscan[s3]'"
