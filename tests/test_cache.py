@@ -8,6 +8,7 @@ import os
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -126,18 +127,19 @@ def test_changed_settings_and_models_miss_the_cache_but_the_threshold_does_not(
     assert flagged.scores["flagged"].tolist() == (base.scores["score"] > median).tolist()
 
 
-def test_concurrent_runs_share_one_cache_and_compact_keeps_every_key_once(tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
+def _concurrent_audits(tmp_path: Path, cache: Path | str) -> tuple[dict[str, Any], list[ScoringModel]]:
+    """Two runs started together on one cache (a.csv: 16 prompts; b.csv: half of a's and 8 more),
+    on two model objects with the same weights (one fingerprint); their results by name, the models."""
     _prompts(tmp_path / "a.csv", 16)
     pd.concat([pd.read_csv(tmp_path / "a.csv").iloc[8:], pd.read_csv(_prompts(tmp_path / "x.csv", 8, start=16))]
-              ).to_csv(tmp_path / "b.csv", index=False)  # half of a's prompts and 8 more
-    models = [tiny_scoring_model("epsilon"), tiny_scoring_model("epsilon")]  # same weights: one fingerprint
-    start, errors = threading.Barrier(2), []
+              ).to_csv(tmp_path / "b.csv", index=False)
+    models = [tiny_scoring_model("epsilon"), tiny_scoring_model("epsilon")]
+    start, results, errors = threading.Barrier(2), {}, []
 
     def audit(name: str, model: ScoringModel) -> None:
         try:
             start.wait()
-            _run(tmp_path / f"{name}.csv", tmp_path / f"{name}.parquet", model, cache)
+            results[name] = _run(tmp_path / f"{name}.csv", tmp_path / f"{name}.parquet", model, cache)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -147,6 +149,12 @@ def test_concurrent_runs_share_one_cache_and_compact_keeps_every_key_once(tmp_pa
     for thread in threads:
         thread.join()
     assert not errors
+    return results, models
+
+
+def test_concurrent_runs_share_one_cache_and_compact_keeps_every_key_once(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    _, models = _concurrent_audits(tmp_path, cache)
     before = ScoreCache(cache).info()
     assert len(before["fingerprints"]) == 1 and before["segments"] == 2 and 24 <= before["rows"] <= 32
     result = ScoreCache(cache).compact()
@@ -304,25 +312,7 @@ def s3():  # type: ignore[no-untyped-def]
 
 def test_two_concurrent_runs_share_a_cache_on_s3(s3, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cache = s3.url("team/memscan-cache/")
-    _prompts(tmp_path / "a.csv", 16)
-    pd.concat([pd.read_csv(tmp_path / "a.csv").iloc[8:], pd.read_csv(_prompts(tmp_path / "x.csv", 8, start=16))]
-              ).to_csv(tmp_path / "b.csv", index=False)
-    models = [tiny_scoring_model("epsilon"), tiny_scoring_model("epsilon")]
-    start, results, errors = threading.Barrier(2), {}, []
-
-    def audit(name: str, model: ScoringModel) -> None:
-        try:
-            start.wait()
-            results[name] = _run(tmp_path / f"{name}.csv", tmp_path / f"{name}.parquet", model, cache)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=audit, args=pair) for pair in zip("ab", models, strict=True)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors
+    results, models = _concurrent_audits(tmp_path, cache)
     assert results["a"].summary["cache"]["segment"].startswith(cache)
     result = ScoreCache(cache).compact()
     assert (result["segments_before"], result["segments_after"], result["rows_after"]) == (2, 1, 24)
