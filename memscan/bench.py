@@ -11,10 +11,11 @@ labelled prompts), or a path to any prompt file with a `label` column.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,12 @@ import pandas as pd
 from memscan.errors import InputError, UsageError
 from memscan.evaluate import DEFAULT_TARGETS, LABEL_COLUMN, Evaluation, evaluate_frame, read_labels
 from memscan.io.scores import STATUS_OK
+from memscan.methods.base import DetectionMethod
 from memscan.models.loading import ScoringModel
 from memscan.models.profiles import ModelProfile
 from memscan.paths import data_dir, demo_dir
+
+log = logging.getLogger("memscan")
 
 DEFAULT_METHODS = ("anisotropy", "wen", "norm", "alignment", "sharpness")
 SUITES: dict[str, tuple[str, str] | str] = {
@@ -33,6 +37,9 @@ SUITES: dict[str, tuple[str, str] | str] = {
     "sd2": ("sd2_mem.txt", "sd1_nmem.txt"),
     "demo": "prompts.csv",
 }
+# the flags that override the profile's scoring settings, by DetectSettings field (as in `detect`)
+SCORING_FLAGS = {"w_norm": "--w-norm", "w_align": "--w-align", "v_convention": "--v-convention",
+                 "norm_scale": "--norm-scale"}
 
 
 def benchmark_dir() -> Path:
@@ -108,14 +115,28 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
 
+def method_overrides(overrides: Mapping[str, Any], method: DetectionMethod) -> tuple[dict[str, Any], list[str]]:
+    """The given (non-None) scoring overrides `method` has a setting for, and the flags of the others.
+
+    A method's run facts name every profile setting it reads: anisotropy all four, norm and alignment
+    v_convention and norm_scale, wen and sharpness v_convention."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    facts = method.run_facts()
+    return {k: v for k, v in given.items() if k in facts}, [SCORING_FLAGS[k] for k in given if k not in facts]
+
+
 def bench_method(
     model: ScoringModel, spec: str, prompts: pd.DataFrame, *, n_noise: int | None = None, seed: int | None = None,
-    batch_size: int = 16, targets: Sequence[float] = DEFAULT_TARGETS,
+    batch_size: int = 16, targets: Sequence[float] = DEFAULT_TARGETS, overrides: Mapping[str, Any] | None = None,
 ) -> BenchResult:
     """Score the labelled prompts with one method and evaluate (n_noise, seed: None takes the profile's
-    calibration values, else 1 and 51). Untimed warm-up: one full batch, and the tokenizer's word
-    cache filled with every prompt, so the order of methods does not matter."""
-    from memscan.config import calibrated_defaults
+    calibration values, else 1 and 51). `overrides` (w_norm, w_align, v_convention, norm_scale; None:
+    the profile's) change the profile as in `detect`, those the method has a setting for only; its
+    calibrated threshold is dropped as in `detect` when they change its score. Untimed warm-up: one
+    full batch, and the tokenizer's word cache filled with every prompt, so the order of methods does
+    not matter."""
+    from memscan.config import DetectSettings, calibrated_defaults
+    from memscan.detect import applicable_threshold
     from memscan.methods import method_for
     from memscan.models.text import tokenize
     from memscan.scorer import Scorer
@@ -123,15 +144,14 @@ def bench_method(
     defaults = calibrated_defaults(model.profile.calibration)
     n_noise = defaults["n_noise"] if n_noise is None else n_noise
     seed = defaults["seed"] if seed is None else seed
+    applied, _ = method_overrides(overrides or {}, method_for(spec, model.profile))
+    run = DetectSettings(method=spec, n_noise=n_noise, seed=seed, **applied)
+    model = replace(model, profile=model.profile.with_overrides(**run.profile_overrides()))
     method = method_for(spec, model.profile)
     tokenize(model, prompts["prompt"].tolist())
     Scorer(model, method, n_noise=n_noise, seed=seed, batch_size=batch_size).score_texts(
         prompts["prompt"].head(batch_size).tolist()
     )
-    from memscan.config import DetectSettings
-    from memscan.detect import applicable_threshold
-
-    run = DetectSettings(method=spec, n_noise=n_noise, seed=seed)
     threshold = applicable_threshold(run, model.profile, method.name)
     scorer = Scorer(model, method, n_noise=n_noise, seed=seed, batch_size=batch_size, threshold=threshold)
     started = time.perf_counter()
@@ -145,9 +165,27 @@ def bench_method(
     )
 
 
+def warn_unused_overrides(overrides: Mapping[str, Any], methods: Sequence[str], profile: ModelProfile) -> None:
+    """One warning line naming the given flags that some of `methods` have no setting for (ignored there)."""
+    from memscan.methods import method_for
+
+    unused: dict[str, list[str]] = {}
+    for spec in methods:
+        for flag in method_overrides(overrides, method_for(spec, profile))[1]:
+            unused.setdefault(flag, []).append(spec)
+    by_methods: dict[tuple[str, ...], list[str]] = {}  # flags ignored by the same methods, named together
+    for flag, specs in unused.items():
+        by_methods.setdefault(tuple(specs), []).append(flag)
+    if by_methods:
+        log.warning("ignoring %s (those methods have no such setting)",
+                    "; ".join(f"{', '.join(flags)} for {', '.join(specs)}" for specs, flags in by_methods.items()))
+
+
 def check_bench_settings(
     methods: Sequence[str], *, suite: str | None = None, limit: int | None = None, n_noise: int | None = None,
     batch_size: int = 16, out_dir: Path | None = None, report: Path | None = None, if_exists: str = "fail",
+    w_norm: float | None = None, w_align: float | None = None, v_convention: str | None = None,
+    norm_scale: str | None = None,
 ) -> None:
     """Everything that can be refused before the model loads: flag values, method names, and the
     outputs (`--out-dir` files, `--report`): not existing unless `overwrite`, never a prompt list."""
@@ -155,7 +193,8 @@ def check_bench_settings(
     from memscan.methods import available_methods, parse_method_spec
     from memscan.outputs import check_output
 
-    DetectSettings(n_noise=n_noise, batch_size=batch_size)  # the same bounds as detect
+    DetectSettings(n_noise=n_noise, batch_size=batch_size, w_norm=w_norm, w_align=w_align, v_convention=v_convention,
+                   norm_scale=norm_scale)  # the same bounds and values as detect
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be >= 1, got {limit}")
     if not methods:
@@ -204,21 +243,28 @@ def run_bench(
     limit: int | None = None, n_noise: int | None = None, seed: int | None = None, batch_size: int = 16,
     device: str = "auto",
     dtype: str = "auto", targets: Sequence[float] = DEFAULT_TARGETS, out_dir: Path | None = None,
-    if_exists: str = "fail",
+    if_exists: str = "fail", w_norm: float | None = None, w_align: float | None = None,
+    v_convention: str | None = None, norm_scale: str | None = None,
 ) -> tuple[str, list[BenchResult]]:
     """Load the model once and bench every method on the suite; returns (suite, results). Flags and
     `out_dir` are checked first (see check_bench_settings), so a bad one costs no model load; n_noise
-    and seed not given are the profile's calibration values (else 1 and 51)."""
+    and seed not given are the profile's calibration values (else 1 and 51). w_norm, w_align,
+    v_convention, norm_scale (None: the profile's) override the profile as in `detect` for the methods
+    that have the setting; the others ignore them, with one warning."""
     from memscan.models.loading import load_model
 
     check_bench_settings(methods, suite=suite, limit=limit, n_noise=n_noise, batch_size=batch_size,
-                         out_dir=out_dir, if_exists=if_exists)
+                         out_dir=out_dir, if_exists=if_exists, w_norm=w_norm, w_align=w_align,
+                         v_convention=v_convention, norm_scale=norm_scale)
+    overrides = {"w_norm": w_norm, "w_align": w_align, "v_convention": v_convention, "norm_scale": norm_scale}
     if isinstance(model, str):
         model = load_model(model, device=device, dtype=dtype)
+    warn_unused_overrides(overrides, methods, model.profile)
     suite = suite or default_suite(model.profile)
     prompts = load_suite(suite, limit=limit)
     results = [
-        bench_method(model, spec, prompts, n_noise=n_noise, seed=seed, batch_size=batch_size, targets=targets)
+        bench_method(model, spec, prompts, n_noise=n_noise, seed=seed, batch_size=batch_size, targets=targets,
+                     overrides=overrides)
         for spec in methods
     ]
     if out_dir is not None:

@@ -724,7 +724,8 @@ def report_cmd(
 @app.command("bench", cls=MethodsCommand, epilog=(
     "\b\nExamples:\n"
     "  memscan bench --model sd-v1-4 --device cuda --methods anisotropy,wen\n"
-    "  memscan bench --model demo --out-dir bench/ --report bench.html"
+    "  memscan bench --model demo --out-dir bench/ --report bench.html\n"
+    "  memscan bench --model demo --methods anisotropy,norm --w-align 0   # weights as in detect (anisotropy only)"
 ))
 def bench_cmd(
     model: ModelOption = "demo",
@@ -736,6 +737,10 @@ def bench_cmd(
     batch_size: BatchSizeOption = 16,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
+    w_norm: WNormOption = None,
+    w_align: WAlignOption = None,
+    v_convention: VConventionOption = None,
+    norm_scale: NormScaleOption = None,
     out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Write one scores Parquet per method and labels.csv here.")] = None,
     report: Annotated[Path | None, typer.Option(help="Also write the HTML report here.")] = None,
     json_out: JsonOutOption = False,
@@ -747,10 +752,12 @@ def bench_cmd(
 
         specs = [m.strip() for m in methods.split(",") if m.strip()]
         check_bench_settings(specs, suite=suite, limit=limit, n_noise=n_noise, batch_size=batch_size, out_dir=out_dir,
-                             report=report, if_exists=if_exists)  # before the model loads
+                             report=report, if_exists=if_exists, w_norm=w_norm, w_align=w_align,
+                             v_convention=v_convention, norm_scale=norm_scale)  # before the model loads
         suite_name, results = run_bench(
             model, methods=specs, suite=suite, limit=limit, n_noise=n_noise, seed=seed, batch_size=batch_size,
-            device=device, dtype=dtype, out_dir=out_dir, if_exists=if_exists,
+            device=device, dtype=dtype, out_dir=out_dir, if_exists=if_exists, w_norm=w_norm, w_align=w_align,
+            v_convention=v_convention, norm_scale=norm_scale,
         )
         rows = [{**r.to_dict(), "name": r.method} for r in results]
         n_noise = results[0].facts.get("n_noise", n_noise)  # the profile's calibration n_noise when not given

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -113,3 +116,91 @@ def test_profile_threshold_applies_to_its_own_method_only() -> None:
     assert threshold(calibrated, "sharpness", 4) == 0.2
     assert threshold(calibrated, "sharpness", 1) is None
     assert threshold(calibrated, "anisotropy", 4) is None
+
+
+def _bench(model: ScoringModel, suite: Path, methods: list[str], **flags: object) -> dict[str, pd.DataFrame]:
+    """Each method's scores on 2 + 2 prompts of `suite`, their run facts in `attrs["facts"]`."""
+    _, results = run_bench(model, methods=methods, suite=str(suite), limit=2, n_noise=1, batch_size=4, **flags)
+    scores = {}
+    for result in results:
+        scores[result.method] = result.scores
+        scores[result.method].attrs["facts"] = result.facts
+    return scores
+
+
+def test_bench_weights_override_the_profile_as_in_detect(
+    tiny_model: ScoringModel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--w-norm/--w-align reweight anisotropy's terms (the profile says 1 and 2); the terms, `norm`
+    and `wen` are the same numbers, and the methods without weights say once that they ignore them."""
+    suite = _synthetic_suite(tmp_path / "prompts.csv")
+    plain = _bench(tiny_model, suite, ["anisotropy", "norm", "wen"])
+    aniso = plain["anisotropy"]
+    assert (aniso.attrs["facts"]["w_norm"], aniso.attrs["facts"]["w_align"]) == (1.0, 2.0)
+    np.testing.assert_allclose(aniso["score"], aniso["norm"] + 2 * aniso["alignment"], rtol=1e-6)
+    assert "ignoring" not in caplog.text
+
+    norm_only = _bench(tiny_model, suite, ["anisotropy", "norm", "wen"], w_align=0.0)
+    aniso0 = norm_only["anisotropy"]
+    assert aniso0["score"].tolist() == aniso0["norm"].tolist()  # 1 * norm + 0 * alignment
+    np.testing.assert_allclose(aniso0["score"], norm_only["norm"]["score"], rtol=1e-5)  # the norm method
+    np.testing.assert_allclose(aniso0["norm"], aniso["norm"], rtol=1e-6)
+    np.testing.assert_allclose(norm_only["wen"]["score"], plain["wen"]["score"], rtol=1e-6)
+    assert "ignoring --w-align for norm, wen (those methods have no such setting)" in caplog.text
+    assert "w_align" not in norm_only["norm"].attrs["facts"]
+
+    doubled = _bench(tiny_model, suite, ["anisotropy"], w_norm=2.0, w_align=0.0)["anisotropy"]
+    assert (doubled.attrs["facts"]["w_norm"], doubled.attrs["facts"]["w_align"]) == (2.0, 0.0)
+    assert doubled["score"].tolist() == (2 * doubled["norm"]).tolist()
+    np.testing.assert_allclose(doubled["score"], 2 * aniso0["score"], rtol=1e-6)
+
+
+def test_bench_drops_a_calibrated_threshold_only_where_the_flags_change_the_score(
+    tiny_model: ScoringModel, tmp_path: Path
+) -> None:
+    """As in detect: explicit weights drop the anisotropy threshold (facts threshold None); `wen`
+    ignores them, so its own calibrated threshold stays; --v-convention changes nothing on an epsilon model."""
+    suite = _synthetic_suite(tmp_path / "prompts.csv")
+
+    def threshold(method: str, **flags: object) -> float | None:
+        profile = tiny_model.profile.with_overrides(threshold=0.5, calibration={"method": method, "n_noise": 1})
+        scores = _bench(replace(tiny_model, profile=profile), suite, [method], **flags)[method]
+        return scores.attrs["facts"]["threshold"]
+
+    assert threshold("anisotropy") == 0.5
+    assert threshold("anisotropy", w_norm=2.0) is None
+    assert threshold("anisotropy", w_align=0.0) is None
+    assert threshold("anisotropy", norm_scale="reference-v") is None
+    assert threshold("anisotropy", v_convention="raw") == 0.5
+    assert threshold("wen", w_norm=2.0, w_align=0.0) == 0.5
+
+
+def test_bench_command_records_the_weights(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`bench --w-align 0` on a calibrated profile: anisotropy scores the norm term alone, the scores
+    files record the weights and no threshold, and wen's warning is one line."""
+    suite = _synthetic_suite(tmp_path / "prompts.csv")
+    profile = tmp_path / "calibrated.toml"
+    profile.write_text(
+        f'source = "{tiny_model_dir}"\nresolution = 64\n\n[scoring]\nw_norm = 1.0\nw_align = 2.0\nthreshold = 0.5\n\n'
+        '[calibration]\nmethod = "anisotropy"\nn_noise = 1\nseed = 51\n',
+        encoding="utf-8",
+    )
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [
+        "bench", "--model", str(profile), "--suite", str(suite), "--methods", "anisotropy,norm,wen", "--limit", "2",
+        "--w-align", "0", "--out-dir", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    aniso = pq.read_table(out / "anisotropy.parquet")
+    facts = json.loads(aniso.schema.metadata[b"memscan"])
+    assert (facts["w_norm"], facts["w_align"], facts["threshold"]) == (1.0, 0.0, None)
+    frame = aniso.to_pandas()
+    assert frame["score"].tolist() == frame["norm"].tolist()
+    norm = pq.read_table(out / "norm.parquet").column("score").to_numpy()
+    np.testing.assert_allclose(frame["score"], norm, rtol=1e-5)  # the norm method
+    ignoring = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ignoring")]
+    assert ignoring == ["ignoring --w-align for norm, wen (those methods have no such setting)"]
+    usage = CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": "200"})
+    assert all(flag in usage.stdout for flag in ("--w-norm", "--w-align", "--v-convention", "--norm-scale"))
