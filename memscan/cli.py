@@ -651,6 +651,8 @@ def calibrate_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the holdout split.")] = 0,
     group_column: Annotated[str | None, typer.Option("--group-column", help="Column (of the labels file, else SCORES) naming each prompt's caption family: the guarantee counts families, the holdout keeps them whole.")] = None,
     groups: Annotated[str | None, typer.Option("--groups", help="auto: caption families found from the prompt text (word-set Jaccard >= 0.7, or the same caption without digits and punctuation), used as --group-column.")] = None,
+    search_timesteps: Annotated[bool, typer.Option("--search-timesteps", help="Also choose the DDIM steps the norm and the alignment are read at (loads the model, rescores the prompts at 11 steps; keeps the profile's pair unless another is better on the calibration side).")] = False,
+    device: DeviceOption = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print the calibration as JSON on stdout.")] = False,
     if_exists: IfExistsFileOption = "fail",
     storage_option: StorageOptions = None,
@@ -665,16 +667,23 @@ def calibrate_cmd(
         profile, result = calibrate_scores(
             scores, output, labels_path=labels, model=model, target_fpr=target_fpr, confidence=confidence, fit=fit, holdout=holdout,
             seed=seed, label_column=label_column, if_exists=if_exists, group_column=group_column, auto_groups=groups == "auto",
+            search_timesteps=search_timesteps, device=device,
         )
         if json_out:
             typer.echo(json.dumps({"profile": str(output), **result.to_dict()}, indent=2))
         weights = "" if result.w_norm is None else f"w_norm {result.w_norm:.4g}, w_align {result.w_align:.4g}, "
+        if result.timestep_search is not None:
+            found = result.timestep_search
+            weights = (f"steps t_hi {result.t_hi_index}, t_lo {result.t_lo_index} of {found['candidates']} pairs "
+                       f"(TPR {found['tpr']:.3f}, AUC {found['auc']:.3f}; the profile's pair: TPR {found['default_tpr']:.3f}, "
+                       f"AUC {found['default_auc']:.3f}), " + weights)
         held = result.holdout
         _say(
             f"{weights}threshold {result.threshold:.6g}: FPR {result.fpr:.3f} (target {target_fpr:g}), "
             f"TPR {result.tpr if result.tpr is None else round(result.tpr, 3)} on {result.n_clean} clean / "
             f"{result.n_memorized} memorized prompts"
             + (f"; held out: FPR {held['fpr']:.3f}, TPR {held['tpr']:.3f}" if held and held["tpr"] is not None else "")
+            + (f", AUC {held['auc']:.3f}" if held and held.get("auc") is not None else "")
             + f" -> {output}"
         )
         if result.groups is not None:

@@ -50,6 +50,7 @@ from memscan.errors import InputError, UsageError
 from memscan.io.scores import STATUS_OK
 from memscan.models.profiles import ModelProfile
 from memscan.storage import location
+from memscan.timestep_search import ALIGN_PREFIX, NORM_PREFIX, choose_pair, searched_indices
 
 Convention = Literal["closest", "below"]
 CONVENTIONS: dict[str, str] = {
@@ -538,6 +539,9 @@ class Calibration:
     n_clean_groups: int | None = None
     group_fpr: float | None = None  # share of clean groups with a member above the threshold
     warnings: tuple[str, ...] = ()
+    t_hi_index: int | None = None  # the step pair chosen by a timestep search (None: no search)
+    t_lo_index: int | None = None
+    timestep_search: dict[str, Any] | None = None  # how the chosen and the profile's pair did
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()
@@ -555,6 +559,10 @@ def _rates(scores: np.ndarray, labels: np.ndarray, threshold: float, groups: np.
         "fpr": float(flagged[clean].mean()) if clean.any() else None,
         "tpr": float(flagged[memorized].mean()) if memorized.any() else None,
     }
+    if clean.any() and memorized.any():
+        from sklearn.metrics import roc_auc_score
+
+        rates["auc"] = float(roc_auc_score(labels, scores))
     if groups is not None:
         per_group = pd.Series(flagged[clean]).groupby(np.asarray(groups)[clean]).any()
         rates["n_clean_groups"] = int(per_group.size)
@@ -599,7 +607,7 @@ def false_positive_cluster(
 def calibrate(
     frame: pd.DataFrame, *, target_fpr: float = 0.01, confidence: float = 0.9, fit: bool = True,
     weights: tuple[float, float] | None = None, holdout: float = 0.0, seed: int = 0,
-    group_column: str | None = None, auto_groups: bool = False,
+    group_column: str | None = None, auto_groups: bool = False, default_pair: tuple[int, int] = (0, -3),
 ) -> Calibration:
     """Weights (from (norm, alignment) when `fit`, else `weights`, else the scores as they are) and
     the clean-prompt threshold at `target_fpr`; `holdout` keeps a stratified share aside to measure.
@@ -607,7 +615,11 @@ def calibrate(
     With groups (`group_column` of `frame`, or `auto_groups`: caption families of the prompt text),
     the guarantee counts clean groups, not prompts, and the holdout keeps whole groups on one side
     (see clean_threshold, group_split). Without, the clean prompts above the threshold are still
-    checked for one dominant caption family (a warning), when the prompt text is there."""
+    checked for one dominant caption family (a warning), when the prompt text is there.
+
+    When `frame` has the per-step term columns of `memscan.timestep_search.term_columns`, the step
+    pair is chosen on the calibration side (`default_pair`, the profile's, unless beaten) and its
+    terms replace `norm` and `alignment` on both sides."""
     if group_column is not None and auto_groups:
         raise UsageError("give --group-column or --groups auto, not both")
     rows = usable(frame, "score")
@@ -650,6 +662,13 @@ def calibrate(
     if grouped and holdout and not ((labels == 0).any() and (labels == 1).any()):
         raise InputError(f"cannot hold out {holdout:g} of the labelled prompts by group: the fit side would lack "
                          "memorized or clean prompts (too few groups)")
+    pair = None
+    if searched_indices(rows):
+        if not fit:
+            raise UsageError("--search-timesteps fits the weights of the chosen steps; drop --no-fit")
+        pair = choose_pair(rows, labels, default=default_pair, target_fpr=target_fpr)
+        rows, test = (part.assign(norm=part[f"{NORM_PREFIX}{pair.t_hi_index}"],
+                                  alignment=part[f"{ALIGN_PREFIX}{pair.t_lo_index}"]) for part in (rows, test))
     if fit:
         weights = fit_weights(rows["norm"].to_numpy(), rows["alignment"].to_numpy(), labels)
 
@@ -690,6 +709,10 @@ def calibrate(
         groups=("auto" if auto_groups else group_column) if grouped else None,
         n_clean_groups=measured.get("n_clean_groups"), group_fpr=measured.get("group_fpr"),
         warnings=tuple(warnings),
+        **({} if pair is None else {
+            "t_hi_index": pair.t_hi_index, "t_lo_index": pair.t_lo_index,
+            "timestep_search": {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(pair).items()},
+        }),
     )
 
 
@@ -722,7 +745,8 @@ def calibrated_profile(
 ) -> ModelProfile:
     """`base` with the fitted weights and threshold, and a `calibration` table saying how they were made."""
     measured = {k: v for k, v in result.to_dict().items()
-                if k not in ("holdout", "w_norm", "w_align", "threshold", "warnings")}
+                if k not in ("holdout", "w_norm", "w_align", "threshold", "warnings", "t_hi_index", "t_lo_index",
+                             "timestep_search")}
     record: dict[str, Any] = {
         "method": facts.get("method", "anisotropy"), "n_noise": facts.get("n_noise"), "seed": facts.get("seed"),
         "dtype": facts.get("dtype"), **measured,
@@ -737,6 +761,13 @@ def calibrated_profile(
     for key in ("v_convention", "norm_scale", "num_inference_steps", "t_hi_index", "t_lo_index"):
         if facts.get(key) is not None:
             changes[key] = facts[key]
+    search = result.timestep_search
+    if search is not None:  # the searched pair, written as the profile had it when it is the same step
+        steps = changes.get("num_inference_steps", base.num_inference_steps)
+        for key in ("t_hi_index", "t_lo_index"):
+            if getattr(result, key) != changes.get(key, getattr(base, key)) % steps:
+                changes[key] = getattr(result, key)
+        record.update({f"search_{k}": v for k, v in search.items()})
     return replace(base, **changes, calibration={k: v for k, v in record.items() if v is not None})
 
 
@@ -799,11 +830,12 @@ def calibrate_scores(
     scores_path: Path, output: Path, *, labels_path: Path | None = None, model: str | None = None,
     target_fpr: float = 0.01, confidence: float = 0.9, fit: bool = True, holdout: float = 0.0, seed: int = 0,
     label_column: str = LABEL_COLUMN, if_exists: str = "fail", group_column: str | None = None,
-    auto_groups: bool = False,
+    auto_groups: bool = False, search_timesteps: bool = False, device: str = "auto",
 ) -> tuple[ModelProfile, Calibration]:
     """`memscan calibrate`: fit on a labelled scores file and write the calibrated profile (never over
     an input; over an existing file only with `if_exists="overwrite"`). `group_column` (of the labels
-    file, else the scores file) or `auto_groups`: see `calibrate`."""
+    file, else the scores file) or `auto_groups`: see `calibrate`. `search_timesteps` loads the scores'
+    model (on `device`) and chooses the step pair too (memscan.timestep_search)."""
     from memscan.outputs import check_output
 
     if group_column is not None and auto_groups:
@@ -812,7 +844,7 @@ def calibrate_scores(
                  what="profile")
     frame, facts = load_labelled(scores_path, labels_path, label_column=label_column,
                                  extra_columns=[group_column] if group_column else [])
-    if auto_groups and labels_path is not None and ("prompt" not in frame or frame["prompt"].isna().all()):
+    if (auto_groups or search_timesteps) and labels_path is not None and ("prompt" not in frame or frame["prompt"].isna().all()):
         labels = read_labels(labels_path, label_column=label_column)  # scores without text: the labels'
         frame = frame.assign(prompt=frame["prompt_id"].astype(str).map(
             labels.drop_duplicates("prompt_id").set_index("prompt_id")["prompt"]).to_numpy())
@@ -820,14 +852,40 @@ def calibrate_scores(
     if not fit and facts.get("w_norm") is not None and facts.get("method") == "anisotropy":
         weights = (float(facts["w_norm"]), float(facts["w_align"]))
     fit = fit and facts.get("method", "anisotropy") == "anisotropy"
+    base = base_profile(facts, model)
+    if search_timesteps:
+        frame = with_term_columns(frame, facts, base, device=device)
     result = calibrate(
         frame, target_fpr=target_fpr, confidence=confidence, fit=fit, weights=weights, holdout=holdout, seed=seed,
         group_column=group_column, auto_groups=auto_groups,
+        default_pair=(int(facts.get("t_hi_index", base.t_hi_index)), int(facts.get("t_lo_index", base.t_lo_index))),
     )
-    profile = calibrated_profile(base_profile(facts, model), result, location(output).stem, facts,
-                                 origin=location(scores_path).name)
+    profile = calibrated_profile(base, result, location(output).stem, facts, origin=location(scores_path).name)
     write_profile(profile, output)
     return profile, result
+
+
+def with_term_columns(frame: pd.DataFrame, facts: dict[str, Any], base: ModelProfile, *, device: str = "auto"
+                      ) -> pd.DataFrame:
+    """`frame` plus the per-step term columns of its prompts, on the model, noise bank and
+    conventions the scores were made with (memscan.timestep_search.term_columns)."""
+    from memscan.models.loading import load_model
+    from memscan.timestep_search import term_columns
+
+    if facts.get("method", "anisotropy") != "anisotropy":
+        raise UsageError(f"--search-timesteps needs anisotropy scores, not {facts.get('method')}")
+    if "prompt" not in frame or frame["prompt"].isna().any():
+        raise InputError("--search-timesteps rescores the prompts, and the scores lack their text "
+                         "(--no-store-prompt?); pass --labels with the prompts")
+    model = load_model(base, device=device, dtype=str(facts.get("dtype") or "auto"))
+    terms = term_columns(
+        model, frame["prompt"].astype(str).tolist(), n_noise=int(facts.get("n_noise") or 1),
+        seed=int(facts.get("seed") if facts.get("seed") is not None else 51),
+        steps=int(facts.get("num_inference_steps") or base.num_inference_steps),
+        v_convention=facts.get("v_convention") or base.v_convention,
+        norm_scale=facts.get("norm_scale") or base.norm_scale,
+    )
+    return pd.concat([frame.reset_index(drop=True), terms], axis=1)
 
 
 def evaluate_files(

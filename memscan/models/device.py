@@ -11,6 +11,7 @@ import torch
 from memscan.errors import UsageError
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # torch's names, as run facts write them
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -43,6 +44,7 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     spec = spec.strip().lower()
     if spec == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    spec = _ALIASES.get(spec, spec)
     if spec not in _DTYPES:
         raise UsageError(f"--dtype {spec!r}: use auto, fp32, fp16 or bf16")
     return _DTYPES[spec]
