@@ -707,27 +707,38 @@ def calibrate_cmd(
                  "the threshold is just above the largest clean score")
 
 
-@app.command("report", epilog="\b\nExample:\n  memscan report scores.parquet wen.parquet --labels prompts.csv -o report.html")
+@app.command("report", epilog=(
+    "\b\nExamples:\n"
+    "  memscan report scores.parquet wen.parquet --labels prompts.csv -o report.html\n"
+    "  memscan report --guard-check guard.json -o guard.html   # python -m memscan.guard_check --json guard.json"
+))
 def report_cmd(
-    scores: Annotated[list[str], typer.Argument(metavar="SCORES...", help="Scores Parquet files (one per method; paths or URLs).")],
+    scores: Annotated[list[str] | None, typer.Argument(metavar="[SCORES]...", help="Scores Parquet files (one per method; paths or URLs).")] = None,
     output: Annotated[str, typer.Option("-o", "--output", help="HTML file to write (a path or URL).")] = "report.html",
     labels: Annotated[str | None, typer.Option(help="Labels file (see `evaluate`) for histograms by class and ROC curves.")] = None,
     label_column: LabelColumnOption = "label",
     threshold: Annotated[float | None, typer.Option(help="Threshold to draw (default: the one the scores were flagged with).")] = None,
     top: Annotated[int, typer.Option(help="Top-scored prompts listed per method.")] = 20,
     title: Annotated[str, typer.Option(help="Page title.")] = "memscan report",
+    guard_check: Annotated[list[str] | None, typer.Option("--guard-check", help="A `python -m memscan.guard_check --json` summary: its policy table and the copy rate vs agreement plot (repeatable: one point per policy and file).")] = None,
     if_exists: IfExistsFileOption = "fail",
     storage_option: StorageOptions = None,
 ) -> None:
-    """One self-contained HTML page: histograms, ROC curves, threshold, top flagged prompts."""
+    """One self-contained HTML page: histograms, ROC curves, threshold, top flagged prompts; guard checks."""
     with cli_errors():
         _storage_options(storage_option)
-        from memscan.report import load_report_inputs, write_report
+        from memscan.report import load_guard_checks, load_report_inputs, write_report
 
-        inputs = [*scores, *([labels] if labels is not None else [])]
+        scores, guard_check = scores or [], guard_check or []
+        if not scores and not guard_check:
+            raise UsageError("report: give SCORES files, --guard-check files, or both")
+        inputs = [*scores, *guard_check, *([labels] if labels is not None else [])]
         check_output(output, inputs=inputs, if_exists=if_exists, what="report")  # before reading anything
+        checks = load_guard_checks(guard_check)
         items = load_report_inputs(scores, labels=labels, label_column=label_column, threshold=threshold)
-        _say(f"report -> {write_report(items, output, inputs=inputs, if_exists=if_exists, title=title, top=top)}")
+        page = write_report(items, output, inputs=inputs, if_exists=if_exists, title=title, top=top,
+                            guard_checks=checks)
+        _say(f"report -> {page}")
 
 
 @app.command("bench", cls=MethodsCommand, epilog=(

@@ -14,31 +14,45 @@ batches). Per policy:
   by the demo's attribute reader exactly as `python -m memscan.mitigation.check` reads it (only
   attributes the reader reads right on >= 80% of decoded renders of that size count), over the
   prompts that produced images, and as a ratio to the unguarded images of the same prompts;
+- closeness to the prompt of what was generated from (`prompt_similarities`): 1.0 for the prompt
+  itself (off, warn, reseed, and every prompt the guard left alone); for a rewrite, the text
+  similarity of the rewrite to the prompt as the rewrite search measures it (the profile's
+  `text_similarity`: the demo's judge); for an optimised embedding, the cosine of it and the
+  prompt's own embedding flattened over the token positions after BOS (the optimiser keeps BOS,
+  and in SD's CLIP encoder the BOS state's norm, far above the others', would hold any cosine
+  near 1); a text judge does not apply there. None where blocked. Two different measures: compare
+  them within a policy, not across;
 - clean prompts: how many give bit-identical images to the unguarded pipeline, and how many the
   guard flagged (a false alarm changes the images under every policy but warn);
 - cost: wall seconds per image of the whole guarded call (scoring, mitigation, generation), and
   the guard's own share.
 
-Run: `python -m memscan.guard_check --model demo --html guard.html --json guard.json`.
+Run: `python -m memscan.guard_check --model demo --html guard.html --json guard.json`; `memscan report
+--guard-check guard.json` puts the table and the trade-off plot on the report page.
 """
 
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 
 from memscan.errors import MemscanError, one_line
+
+if TYPE_CHECKING:
+    from memscan.guard import PromptDecision
+    from memscan.models.loading import ScoringModel
+    from memscan.models.profiles import ModelProfile
 
 POLICY_ORDER = ("off", "warn", "reseed", "optimize", "rewrite", "block")
 
@@ -73,15 +87,42 @@ def _subset(prompts: pd.DataFrame, settings: GuardCheckSettings) -> pd.DataFrame
     return pd.concat(parts).reset_index(drop=True)
 
 
+def embedding_cosine(original: torch.Tensor, other: torch.Tensor) -> float:
+    """Cosine of two (1, 77, hidden) prompt embeddings, flattened over the token positions after BOS."""
+    a, b = (x.detach().cpu().double()[:, 1:].flatten() for x in (original, other))
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+def prompt_similarities(model: ScoringModel, decisions: Sequence[PromptDecision]) -> list[float | None]:
+    """Per prompt, how close what it was generated from is to it (see the module); None: no images."""
+    from memscan.mitigation.similarity import cosine_to, resolve_similarity, sentence_embeddings
+    from memscan.models.text import encode_prompts
+
+    out: list[float | None] = [1.0 if d.generated else None for d in decisions]
+    rewritten = [i for i, d in enumerate(decisions)
+                 if d.generated and d.embedding is None and d.prompt_used not in (None, d.prompt)]
+    if rewritten:
+        kind = resolve_similarity(model.profile.text_similarity)
+        texts = [t for i in rewritten for t in (decisions[i].prompt, decisions[i].prompt_used)]
+        vectors = sentence_embeddings(model, texts, kind)
+        for j, i in enumerate(rewritten):
+            out[i] = float(cosine_to(vectors[2 * j], vectors[2 * j + 1 : 2 * j + 2])[0])
+    for i, d in enumerate(decisions):
+        if d.generated and d.embedding is not None:
+            with torch.no_grad():
+                out[i] = embedding_cosine(encode_prompts(model, [d.prompt]), d.embedding)
+    return out
+
+
 def generate_policy(
     pipe: Any, policy: str, texts: list[str], latents: torch.Tensor, settings: GuardCheckSettings,
-    guard_kwargs: dict[str, Any] | None = None,
+    guard_kwargs: dict[str, Any] | None = None, profile: str | ModelProfile = "demo",
 ) -> dict[str, Any]:
     """Images (P, n, 3, H, W) (NaN where blocked), per-prompt decisions and timings of one policy."""
     from memscan.guard import Guard
 
     n, size = settings.n_per_prompt, settings.batch_prompts
-    guard = None if policy == "off" else Guard(pipe, "demo", policy=policy, **(guard_kwargs or {}))
+    guard = None if policy == "off" else Guard(pipe, profile, policy=policy, **(guard_kwargs or {}))
     images: list[np.ndarray] = []
     decisions: list[dict[str, Any]] = []
     seconds = seconds_guard = 0.0
@@ -94,7 +135,8 @@ def generate_policy(
                        guidance_scale=settings.guidance, output_type="np").images
             got = np.asarray(out, dtype=np.float32)
             decisions += [{"flagged": False, "action": "off", "generated": True, "resolved": None,
-                           "score_before": None, "score_after": None, "prompt_used": t} for t in batch]
+                           "score_before": None, "score_after": None, "prompt_used": t, "similarity": 1.0}
+                          for t in batch]
         else:
             result = guard(batch, num_images_per_prompt=n, latents=lat, num_inference_steps=settings.steps,
                            guidance_scale=settings.guidance, output_type="np")
@@ -103,10 +145,13 @@ def generate_policy(
             shape = next((np.asarray(i).shape for i in result.images if i is not None), (side, side, 3))
             got = np.stack([np.full(shape, np.nan, np.float32) if i is None else np.asarray(i, np.float32)
                             for i in result.images])
+        seconds += time.perf_counter() - began
+        if guard is not None:  # the similarity is measured off the clock
+            similarity = prompt_similarities(guard.model, result.prompts)
             decisions += [{"flagged": d.flagged, "action": d.action, "generated": d.generated,
                            "resolved": d.resolved, "score_before": d.score_before, "score_after": d.score_after,
-                           "prompt_used": d.prompt_used, "error": d.error} for d in result.prompts]
-        seconds += time.perf_counter() - began
+                           "prompt_used": d.prompt_used, "error": d.error, "similarity": s}
+                          for d, s in zip(result.prompts, similarity, strict=True)]
         images.append(got.transpose(0, 3, 1, 2))
     stacked = np.concatenate(images)
     return {"images": stacked.reshape(len(texts), n, *stacked.shape[1:]), "decisions": pd.DataFrame(decisions),
@@ -117,11 +162,11 @@ def run_guard_check(
     model: str = "demo", settings: GuardCheckSettings | None = None, prompts_csv: str | Path | None = None,
     log: Any = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Per prompt and policy: copy rate, attribute agreement, bit-identity; and the per-policy summary."""
+    """Per prompt and policy: copy rate, attribute agreement, similarity, bit-identity; and the summary."""
     from memscan.demo.data import build_data, load_prompts
     from memscan.demo.verify import copy_cutoffs, copy_table, load_pipeline, reference_images, vae_roundtrip
     from memscan.mitigation.attributes import ATTRIBUTES, AttributeReader, decoded_renders, readable_attributes
-    from memscan.mitigation.check import _agreements
+    from memscan.mitigation.check import agreements
     from memscan.models.loading import resolve_profile
 
     settings = settings or GuardCheckSettings()
@@ -150,7 +195,7 @@ def run_guard_check(
     table = prompts[["prompt", "label", "kind", "train_image_id"]].copy()
     runs: dict[str, dict[str, Any]] = {}
     for policy in settings.policies:
-        run = generate_policy(pipe, policy, texts, latents, settings)
+        run = generate_policy(pipe, policy, texts, latents, settings, profile=profile)
         images, decisions = run["images"], run["decisions"]
         generated = decisions["generated"].to_numpy(bool)
         copies = copy_table(data, prompts, np.nan_to_num(images, nan=-10.0), cutoffs, train)["copy_rate"].to_numpy()
@@ -159,46 +204,82 @@ def run_guard_check(
         agree_all = np.full(len(texts), np.nan)
         keep = generated[mem]
         if keep.any():
-            a, b = _agreements(reader, images[mem][keep], [w for w, k in zip(wanted, keep, strict=True) if k], checked)
+            a, b = agreements(reader, images[mem][keep], [w for w, k in zip(wanted, keep, strict=True) if k], checked)
             idx = np.flatnonzero(mem)[keep]
             agree[idx], agree_all[idx] = a, b
         for column, values in (("flagged", decisions["flagged"].to_numpy(bool)), ("action", decisions["action"]),
                                ("generated", generated), ("resolved", decisions["resolved"]),
                                ("score_before", decisions["score_before"]), ("score_after", decisions["score_after"]),
-                               ("prompt_used", decisions["prompt_used"]), ("copy", copies), ("agree", agree),
-                               ("agree_all", agree_all)):
+                               ("prompt_used", decisions["prompt_used"]), ("similarity", decisions["similarity"]),
+                               ("copy", copies), ("agree", agree), ("agree_all", agree_all)):
             table[f"{policy}:{column}"] = list(values)
         runs[policy] = run
         say(f"{policy}: {run['seconds']:.1f} s ({run['seconds'] / images.shape[0] / n:.4f} s/image), "
             f"memorized copy rate {copies[mem].mean():.3f}, "
             f"clean flagged {int(decisions['flagged'].to_numpy(bool)[~mem].sum())}")
-    reference = runs.get("off")
+    if "off" in runs:
+        for policy, run in runs.items():
+            table[f"{policy}:identical"] = [np.array_equal(a, b) for a, b in
+                                            zip(run["images"], runs["off"]["images"], strict=True)]
+    seconds = {policy: (run["seconds"], run["seconds_guard"]) for policy, run in runs.items()}
+    summary = summarize(table, seconds, settings, text_similarity=similarity_name(profile.text_similarity))
+    summary["checked_attributes"] = {k: list(v) for k, v in checked.items()}
+    return table, summary
+
+
+def similarity_name(kind: str) -> str:
+    """A text similarity as the summary names it: pooled / tokens / a model's id or folder name."""
+    from memscan.models.profiles import TEXT_SIMILARITIES
+
+    return kind if kind in TEXT_SIMILARITIES or not Path(kind).exists() else Path(kind).name
+
+
+def _mean(values: np.ndarray) -> float | None:
+    """The mean of the finite values, rounded; None when there are none."""
+    finite = values[np.isfinite(values)]
+    return round(float(finite.mean()), 4) if finite.size else None
+
+
+def summarize(
+    table: pd.DataFrame, seconds: dict[str, tuple[float, float]], settings: GuardCheckSettings, *,
+    text_similarity: str = "pooled",
+) -> dict[str, Any]:
+    """The per-policy summary of a guard check table; `seconds`: policy -> (whole calls, the guard's share)."""
+    mem = (table["label"] == "memorized").to_numpy()
+    n = settings.n_per_prompt
+    images = len(table) * n
+    measures = {"optimize": "embedding cosine", "rewrite": f"text ({text_similarity})", "block": None}
     summary: dict[str, Any] = {"settings": asdict(settings), "memorized": int(mem.sum()), "clean": int((~mem).sum()),
-                               "images_per_prompt": n, "checked_attributes": {k: list(v) for k, v in checked.items()},
-                               "policies": {}}
-    base_copy = table["off:copy"].to_numpy() if reference is not None else None
+                               "images_per_prompt": n, "text_similarity": text_similarity, "policies": {}}
+    reference = "off:copy" in table
     for policy in settings.policies:
-        run = runs[policy]
         copies = table[f"{policy}:copy"].to_numpy(float)
         flagged = table[f"{policy}:flagged"].to_numpy(bool)
         generated = table[f"{policy}:generated"].to_numpy(bool)
         agree = table[f"{policy}:agree"].to_numpy(float)
         agree_all = table[f"{policy}:agree_all"].to_numpy(float)
+        similarity = pd.to_numeric(table[f"{policy}:similarity"], errors="coerce").to_numpy(float)
+        mem_similarity = similarity[mem][np.isfinite(similarity[mem])]
         row: dict[str, Any] = {
             "memorized_flagged": int(flagged[mem].sum()), "clean_flagged": int(flagged[~mem].sum()),
             "memorized_blocked": int((~generated[mem]).sum()),
             "memorized_generation_copy_rate": round(float(copies[mem].mean()), 4),
             "memorized_prompts_copying": int((copies[mem] > 0.5).sum()),
             "clean_prompts_copying": int((copies[~mem] > 0.5).sum()),
-            "seconds_per_image": round(run["seconds"] / (len(texts) * n), 5),
-            "guard_seconds_per_image": round(run["seconds_guard"] / (len(texts) * n), 5),
+            "similarity_measure": measures.get(policy, "same prompt"),
+            "memorized_similarity": _mean(similarity[mem]),
+            "memorized_similarity_min": round(float(mem_similarity.min()), 4) if mem_similarity.size else None,
+            "clean_similarity": _mean(similarity[~mem]),
+            "seconds_per_image": round(seconds[policy][0] / images, 5),
+            "guard_seconds_per_image": round(seconds[policy][1] / images, 5),
         }
-        if base_copy is not None:
+        if reference:
+            base_copy = table["off:copy"].to_numpy(float)
             was = base_copy[mem] > 0.5
             row["memorized_copying_unguarded"] = int(was.sum())
             row["stopped_copying_of_copying_unguarded"] = (
                 round(float((copies[mem][was] <= 0.5).mean()), 4) if was.any() else None)
-            same = np.array([np.array_equal(a, b) for a, b in zip(run["images"], reference["images"], strict=True)])
+            same = table[f"{policy}:identical"].to_numpy(bool)
             row["clean_bit_identical"] = int(same[~mem].sum())
             row["clean_unflagged_bit_identical"] = f"{int(same[~mem & ~flagged].sum())}/{int((~mem & ~flagged).sum())}"
             base_agree, base_all = table["off:agree"].to_numpy(float), table["off:agree_all"].to_numpy(float)
@@ -211,67 +292,14 @@ def run_guard_check(
             row["attribute_agreement_ratio_all"] = (round(float(agree_all[has].mean() / base_all[has].mean()), 4)
                                                     if has.any() and base_all[has].mean() else None)
         summary["policies"][policy] = row
-    return table, summary
-
-
-def tradeoff_png(summary: dict[str, Any]) -> str:
-    """Copy rate (memorized generations) vs attribute agreement ratio, one point per policy (a data URI)."""
-    from matplotlib.figure import Figure
-
-    from memscan.report import _png
-
-    figure = Figure(figsize=(5.2, 3.6))
-    ax = figure.subplots()
-    for policy, row in summary["policies"].items():
-        ratio = row.get("attribute_agreement_ratio")
-        y = 0.0 if ratio is None else ratio  # block: no images, no agreement
-        ax.scatter(row["memorized_generation_copy_rate"], y, s=40)
-        ax.annotate(policy, (row["memorized_generation_copy_rate"], y), textcoords="offset points", xytext=(5, 4),
-                    fontsize=9)
-    ax.axhline(0.7, color="grey", linestyle="--", linewidth=0.8, label="target: 70% of unguarded agreement")
-    ax.set_xlabel("copy rate of memorized prompts' generations")
-    ax.set_ylabel("attribute agreement / unguarded")
-    ax.set_title("guard policies on the demo model")
-    ax.set_xlim(-0.03, 1.03)
-    ax.set_ylim(-0.05, 1.25)
-    ax.legend(fontsize=8, loc="lower right")
-    return _png(figure)
-
-
-COLUMNS = (("memorized_flagged", "mem. flagged"), ("memorized_generation_copy_rate", "mem. copy rate"),
-           ("memorized_prompts_copying", "mem. prompts copying"),
-           ("stopped_copying_of_copying_unguarded", "stopped copying"),
-           ("attribute_agreement_ratio", "agreement / unguarded"), ("memorized_blocked", "mem. blocked"),
-           ("clean_flagged", "clean flagged"), ("clean_bit_identical", "clean bit-identical"),
-           ("seconds_per_image", "s / image"), ("guard_seconds_per_image", "guard s / image"))
-
-
-def markdown_table(summary: dict[str, Any]) -> str:
-    """The per-policy summary as a Markdown table (the README's)."""
-    head = "| policy | " + " | ".join(name for _, name in COLUMNS) + " |"
-    rule = "|---" * (len(COLUMNS) + 1) + "|"
-    body = [f"| {policy} | " + " | ".join("-" if row.get(key) is None else str(row.get(key)) for key, _ in COLUMNS)
-            + " |" for policy, row in summary["policies"].items()]
-    return "\n".join([head, rule, *body])
+    return summary
 
 
 def html_page(summary: dict[str, Any]) -> str:
-    """A self-contained page: the table and the trade-off plot (embedded PNG)."""
-    from memscan.report import _STYLE
+    """A self-contained page: the trade-off plot and the table (`memscan report --guard-check` makes it too)."""
+    from memscan.report import build_report
 
-    head = "".join(f"<th>{html.escape(name)}</th>" for _, name in COLUMNS)
-    body = "".join(
-        f"<tr><td>{html.escape(policy)}</td>" + "".join(
-            f"<td>{'-' if row.get(key) is None else html.escape(str(row.get(key)))}</td>" for key, _ in COLUMNS)
-        + "</tr>" for policy, row in summary["policies"].items())
-    settings = html.escape(json.dumps(summary["settings"]))
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>memscan guard check</title>"
-            f"<style>{_STYLE}</style></head><body><h1>Guard policies on the demo model</h1>"
-            f"<p>{summary['memorized']} memorized and {summary['clean']} clean prompts, "
-            f"{summary['images_per_prompt']} images each.</p>"
-            f"<table><tr><th>policy</th>{head}</tr>{body}</table>"
-            f"<img alt='copy rate vs attribute agreement' src='{tradeoff_png(summary)}'>"
-            f"<p class='facts'>settings: <code>{settings}</code></p></body></html>")
+    return build_report([], title="memscan guard check: policies on the demo model", guard_checks={"demo": summary})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = GuardCheckSettings(n_per_prompt=args.n, gen_seed=args.gen_seed, data_seed=args.data_seed,
                                   batch_prompts=args.batch_prompts, memorized=args.memorized, clean=args.clean,
                                   subset_seed=args.subset_seed, policies=policies)
+    from memscan.report import guard_markdown_table
+
     try:
         table, summary = run_guard_check(args.model, settings, args.prompts)
     except MemscanError as error:
@@ -310,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(text + "\n", encoding="utf-8")
     print(text)
-    print(markdown_table(summary), file=sys.stderr)
+    print(guard_markdown_table(summary), file=sys.stderr)
     return 0
 
 

@@ -2,7 +2,9 @@
 
 Per scores file (one per method): the score histogram (memorized and not, where labels exist) with
 the threshold, the ROC curves of all methods (linear and log FPR), the metrics table, and the top
-flagged prompts. Figures are PNGs embedded as data URIs, so the file opens anywhere offline.
+flagged prompts. Per guard check summary (`python -m memscan.guard_check --json`): the policies'
+comparison table and the trade-off plot, copy rate against attribute agreement, one point per
+policy and check. Figures are PNGs embedded as data URIs, so the file opens anywhere offline.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import base64
 import html
 import io
-from collections.abc import Sequence
+import json
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from memscan.errors import InputError, UsageError, one_line
 from memscan.evaluate import CONVENTIONS, Evaluation, evaluate_frame, usable
 from memscan.storage import location
 
@@ -162,8 +167,11 @@ th { background: #f4f4f4; } tr.hit td { background: #fdecea; }
 """
 
 
-def build_report(items: Sequence[ReportInput], *, title: str = "memscan report", top: int = 20) -> str:
-    """The whole page as one HTML string."""
+def build_report(
+    items: Sequence[ReportInput], *, title: str = "memscan report", top: int = 20,
+    guard_checks: Mapping[str, dict[str, Any]] | None = None,
+) -> str:
+    """The whole page as one HTML string: the scores files' sections, then the guard checks'."""
     evaluations = {item.name: evaluate_frame(item.scores, ("score",), name=item.name)[0]
                    for item in items if item.evaluable}
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -171,14 +179,136 @@ def build_report(items: Sequence[ReportInput], *, title: str = "memscan report",
     if evaluations:
         parts.append("<h2>Detection quality</h2>" + _metrics_table(list(evaluations.values())))
         parts.append(f"<img alt='ROC curves' src='{roc_png(list(evaluations.values()))}'>")
-    parts.append("<h2>Score distributions</h2><div class='grid'>")
-    for item in items:
-        image = histogram_png(item, evaluations.get(item.name))
-        parts.append(f"<div><img alt='histogram of {html.escape(item.name)}' src='{image}'>{_facts(item)}</div>")
-    parts.append("</div>")
+    if items:
+        parts.append("<h2>Score distributions</h2><div class='grid'>")
+        for item in items:
+            image = histogram_png(item, evaluations.get(item.name))
+            parts.append(f"<div><img alt='histogram of {html.escape(item.name)}' src='{image}'>{_facts(item)}</div>")
+        parts.append("</div>")
     for item in items:
         parts.append(f"<h2>Top {top} prompts: {html.escape(item.name)}</h2>{_top_table(item, top)}")
+    if guard_checks:
+        parts.append(guard_section(guard_checks))
     parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------- guard checks
+
+GUARD_COLUMNS = (
+    ("memorized_flagged", "mem. flagged"), ("memorized_generation_copy_rate", "mem. copy rate"),
+    ("memorized_prompts_copying", "mem. prompts copying"), ("stopped_copying_of_copying_unguarded", "stopped copying"),
+    ("attribute_agreement_ratio", "agreement / unguarded"), ("memorized_similarity", "mem. similarity"),
+    ("similarity_measure", "similarity of"), ("memorized_blocked", "mem. blocked"), ("clean_flagged", "clean flagged"),
+    ("clean_bit_identical", "clean bit-identical"), ("seconds_per_image", "s / image"),
+    ("guard_seconds_per_image", "guard s / image"),
+)
+_COPY, _AGREEMENT = "memorized_generation_copy_rate", "attribute_agreement_ratio"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_guard_summary(summary: Any, where: str = "guard check") -> dict[str, Any]:
+    """`summary` if it is a guard check summary the page can show, else a one-line UsageError."""
+    bad = f"{where}: not a `python -m memscan.guard_check --json` summary"
+    if not isinstance(summary, dict):
+        raise UsageError(f"{bad}: a JSON {type(summary).__name__}, not an object")
+    policies = summary.get("policies")
+    if not isinstance(policies, dict) or not policies:
+        raise UsageError(f"{bad}: no 'policies' object")
+    for policy, row in policies.items():
+        if not isinstance(row, dict):
+            raise UsageError(f"{bad}: policy {policy!r} is not an object")
+        if not _is_number(row.get(_COPY)):
+            raise UsageError(f"{bad}: policy {policy!r} has no number {_COPY!r}")
+        if row.get(_AGREEMENT) is not None and not _is_number(row[_AGREEMENT]):
+            raise UsageError(f"{bad}: policy {policy!r}: {_AGREEMENT!r} is neither a number nor null")
+    return summary
+
+
+def read_guard_check(path: str | Path) -> dict[str, Any]:
+    """The summary a guard check wrote with --json (a path or URL), checked by `check_guard_summary`."""
+    where = location(path)
+    try:
+        text = where.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read guard check {path}: {one_line(exc)}") from exc
+    try:
+        summary = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"guard check {path} is not JSON: {one_line(exc)}") from None
+    return check_guard_summary(summary, f"guard check {path}")
+
+
+def _label(policy: str, name: str, several: bool) -> str:
+    """A point's label, `$` escaped so that matplotlib draws it as written (no mathtext)."""
+    return (f"{policy} ({name})" if several else policy).replace("$", r"\$")
+
+
+def tradeoff_png(checks: Mapping[str, dict[str, Any]]) -> str:
+    """Memorized copy rate vs agreement ratio, a labelled point per policy and check (block: agreement 0)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.6, 3.8))
+    ax = figure.subplots()
+    colours = {p: f"C{i % 10}" for i, p in enumerate(dict.fromkeys(p for s in checks.values() for p in s["policies"]))}
+    markers = "osD^vP*X"
+    labels: dict[tuple[float, float], list[str]] = {}  # points that coincide share one label
+    for k, (name, summary) in enumerate(checks.items()):
+        for policy, row in summary["policies"].items():
+            x, ratio = row[_COPY], row.get(_AGREEMENT)
+            y = 0.0 if ratio is None else ratio
+            ax.scatter(x, y, s=40, color=colours[policy], marker=markers[k % len(markers)])
+            labels.setdefault((x, y), []).append(_label(str(policy), str(name), len(checks) > 1))
+    for point, names in labels.items():
+        ax.annotate(", ".join(names), point, textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.axhline(0.7, color="grey", linestyle="--", linewidth=0.8, label="target: 70% of unguarded agreement")
+    ax.set_xlabel("copy rate of memorized prompts' generations")
+    ax.set_ylabel("attribute agreement / unguarded")
+    ax.set_title("guard policies: copying vs intent kept")
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_ylim(-0.05, 1.25)
+    ax.legend(fontsize=8, loc="lower right")
+    return _png(figure)
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def guard_markdown_table(summary: dict[str, Any]) -> str:
+    """A guard check's per-policy summary as a Markdown table (the README's)."""
+    head = "| policy | " + " | ".join(name for _, name in GUARD_COLUMNS) + " |"
+    rule = "|---" * (len(GUARD_COLUMNS) + 1) + "|"
+    body = [f"| {policy} | " + " | ".join(_cell(row.get(key)) for key, _ in GUARD_COLUMNS) + " |"
+            for policy, row in summary["policies"].items()]
+    return "\n".join([head, rule, *body])
+
+
+def _guard_table(summary: dict[str, Any]) -> str:
+    head = "".join(f"<th>{html.escape(name)}</th>" for _, name in GUARD_COLUMNS)
+    body = "".join(
+        f"<tr><td>{html.escape(str(policy))}</td>"
+        + "".join(f"<td>{html.escape(_cell(row.get(key)))}</td>" for key, _ in GUARD_COLUMNS) + "</tr>"
+        for policy, row in summary["policies"].items())
+    return f"<table class='guard'><tr><th>policy</th>{head}</tr>{body}</table>"
+
+
+def guard_section(checks: Mapping[str, dict[str, Any]]) -> str:
+    """The guard checks' part of a page: the trade-off plot, then each check's counts, table and settings."""
+    parts = ["<h2>Guarded generation: copying vs intent</h2>",
+             f"<img alt='copy rate vs attribute agreement' src='{tradeoff_png(checks)}'>"]
+    for name, summary in checks.items():
+        counts = [f"{summary[key]} {what}" for key, what in (("memorized", "memorized prompts"),
+                                                              ("clean", "clean prompts")) if key in summary]
+        if "images_per_prompt" in summary:
+            counts.append(f"{summary['images_per_prompt']} images each")
+        heading = f"<h3>{html.escape(str(name))}</h3>" if len(checks) > 1 else ""
+        line = f"<p>{html.escape(', '.join(counts))}.</p>" if counts else ""
+        settings = html.escape(json.dumps(summary.get("settings", {})))
+        parts.append(f"{heading}{line}{_guard_table(summary)}<p class='facts'>settings: <code>{settings}</code></p>")
     return "\n".join(parts)
 
 
@@ -205,6 +335,13 @@ def load_report_inputs(
         if names.count(item.name) > 1:
             item.name = location(path).stem
     return items
+
+
+def load_guard_checks(paths: Sequence[str | Path]) -> dict[str, dict[str, Any]]:
+    """Guard check summaries by file name (the whole path where two share a name)."""
+    stems = [location(p).stem for p in paths]
+    return {(stem if stems.count(stem) == 1 else str(p)): read_guard_check(p)
+            for stem, p in zip(stems, paths, strict=True)}
 
 
 def write_report(

@@ -86,7 +86,7 @@ def generate_from_embeddings(pipe: Any, embeds: torch.Tensor, settings: CheckSet
     return images.reshape(len(embeds), n, *images.shape[1:])
 
 
-def _agreements(
+def agreements(
     reader: AttributeReader, images: np.ndarray, wanted: list[dict[str, str]], checked: dict[str, tuple[str, ...]]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per prompt, the mean agreement of its generations with what it asks for: over the attributes
@@ -138,7 +138,7 @@ def check_mitigation(
 
     def measure(images: np.ndarray, rows: pd.DataFrame, asked: list[dict[str, str]]) -> tuple[np.ndarray, ...]:
         copies = copy_table(data, rows[["prompt", *LABEL_COLUMNS]], images, cutoffs, train)["copy_rate"]
-        return (copies.to_numpy(), *_agreements(reader, images, asked, checked))
+        return (copies.to_numpy(), *agreements(reader, images, asked, checked))
 
     def from_text(texts: pd.Series) -> np.ndarray:
         return generate(pipe, texts.tolist(), settings.n_per_prompt, settings.gen_seed, **gen)
