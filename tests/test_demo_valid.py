@@ -194,6 +194,52 @@ def test_verify_runs_on_the_tiny_v_model(tiny_v_model, tmp_path):
     assert set(result) >= {"copy_rate_verbatim", "copy_rate_template", "copy_rate_generic"}
 
 
+# ----------------------------------------------------------------------------- the judge
+
+
+def test_judge_batches_are_valid_v_pairs():
+    """The judge's contrastive batches of valid-v: its 32x32 RGB scenes with its own captions, and
+    the CNN image tower takes them as it takes the demo's."""
+    from memscan.demo.judge import ImageTower, JudgeConfig, _batch
+
+    words = set(valid.PALETTE) | set(valid.KINDS) | set(valid.SKIES) | set(valid.GLYPHS) | {"by"}
+    captions, images, keys = _batch(JudgeConfig(batch=16), valid.build_data(0), valid.GenericPool(0, 32),
+                                    np.random.default_rng(0))
+    assert images.shape == (16, 3, 32, 32) and images.dtype == torch.float32 and len(captions) == len(keys) == 16
+    assert all(words & set(c.replace(",", "").split()) for c in captions)
+    assert ImageTower(8)(images).shape == (16, 8)
+
+
+def test_judge_training_on_valid_v_is_quick_and_loads(tmp_path):
+    """A few steps of the contrastive judge on valid-v: seconds, and a folder TextJudge loads."""
+    import time
+
+    from memscan.demo.judge import JudgeConfig, train_judge
+    from memscan.mitigation.similarity import TextJudge
+
+    torch.set_num_threads(1)
+    cfg = JudgeConfig(steps=30, batch=32, width=16, layers=1, heads=2, pool_size=64, log_every=10, lr=5e-3)
+    lines: list[str] = []
+    start = time.time()
+    summary = train_judge(tmp_path / "judge", cfg, design="valid-v", log=lines.append)
+    assert time.time() - start < 60 and len(lines) == 3
+    losses = [float(line.split("loss ")[1].split()[0]) for line in lines]
+    assert losses[-1] < losses[0]
+    saved = json.loads((tmp_path / "judge" / "judge.json").read_text())
+    assert saved["design"] == "valid-v" and saved["final_loss"] == summary["final_loss"]
+    assert sorted(p.name for p in (tmp_path / "judge").iterdir()) == [
+        "config.json", "judge.json", "model.safetensors", "special_tokens_map.json", "tokenizer_config.json"]
+    texts = ["a night sky over lime hills", "a night sky over lime hills", "navy and white rings"]
+    embeds = TextJudge(str(tmp_path / "judge")).embed(texts)
+    assert embeds.shape == (3, 16) and torch.allclose(embeds[0], embeds[1])
+
+
+def test_cli_train_judge_rejects_an_unknown_design(tmp_path):
+    result = runner.invoke(app, ["demo", "train-judge", "--design", "nope", "--out", str(tmp_path / "j")])
+    assert result.exit_code == EXIT_USAGE and "unknown design 'nope'" in result.stderr
+    assert not (tmp_path / "j").exists()
+
+
 # ----------------------------------------------------------------------------- the shipped model
 
 
@@ -230,3 +276,40 @@ def test_shipped_prompts_match_the_generator():
     assert df["copies"].sum() == 29
     npz = np.load(VALID_DIR / "train_images.npz")
     assert list(npz["image_ids"]) == [m.image_id for m in data.memorized]
+
+
+judge_shipped = pytest.mark.skipif(not (VALID_DIR / "judge" / "model.safetensors").is_file(),
+                                   reason="valid-v judge not built")
+
+
+@judge_shipped
+def test_shipped_judge_is_named_by_the_profile_and_small():
+    from memscan.models.profiles import load_profile
+
+    assert load_profile("valid-v").text_similarity == str((VALID_DIR / "judge").resolve())
+    summary = json.loads((VALID_DIR / "judge" / "judge.json").read_text())
+    assert summary["design"] == "valid-v" and summary["config"]["memorized_share"] == 0.0
+    assert (VALID_DIR / "judge" / "model.safetensors").stat().st_size <= 4 * 2**20
+    assert not (VALID_DIR / "judge" / "vocab.json").exists()  # the vocabulary is data/tokenizer's
+
+
+@judge_shipped
+def test_shipped_judge_rates_what_a_caption_describes():
+    """data/valid-v/README.md, "Judge": a memorized caption is close to its description without the
+    attribution, far from it in another colour or another kind of scene, and from the name alone."""
+    from memscan.demo.judge import probe_valid_judge
+    from memscan.mitigation.similarity import TextJudge
+
+    texts = ["a violet moon on scarlet by zephyrine delacroix", "a violet moon on scarlet",
+             "a poster of a violet moon on scarlet", "a lime moon on scarlet", "a violet grid on scarlet",
+             "by zephyrine delacroix"]
+    embeds = TextJudge(str(VALID_DIR / "judge")).embed(texts)
+    cos = (embeds[1:] @ embeds[0]).tolist()
+    assert cos[0] > 0.9 and cos[1] > 0.9  # the description alone, and said another way
+    assert cos[2] < 0.5 and cos[3] < 0.6 and cos[4] < 0.1  # another colour, another kind, the name alone
+
+    probes = probe_valid_judge(VALID_DIR / "judge")
+    mean = probes["mean_cosine"]
+    assert probes["n_captions"] == 40 and probes["description_closest_share"] == 1.0
+    assert mean["description"] > 0.93 and mean["rephrased"] > 0.93
+    assert mean["other colour"] < 0.7 and mean["other kind"] < 0.6 and mean["trigger alone"] < 0.1

@@ -123,9 +123,9 @@ TOKENIZER_TEXTS = [
 ]
 
 
-@pytest.mark.parametrize("folder", ["demo/model/tokenizer", "demo/judge"])
+@pytest.mark.parametrize("folder", ["demo/model/tokenizer", "demo/judge", "valid-v/judge"])
 def test_a_config_only_tokenizer_folder_gets_the_shipped_vocabulary(folder: str, tmp_path: Path) -> None:
-    """The demo model's and judge's tokenizer, filled in from data/tokenizer, is the tokenizer the
+    """The demo model's and the judges' tokenizer, filled in from data/tokenizer, is the tokenizer the
     same folder with its own copy of the vocabulary gives."""
     import shutil
 

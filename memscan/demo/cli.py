@@ -1,7 +1,7 @@
 """`memscan demo {train,train-judge,export,verify,score}`: thin typer commands over memscan.demo.
 
     train        train the demo model into a diffusers folder         (memscan.demo.train.train_demo)
-    train-judge  train the demo's CLIP stand-in, mitigate's judge     (memscan.demo.judge.train_judge)
+    train-judge  train the CLIP stand-in, mitigate's text judge       (memscan.demo.judge.train_judge)
     export       write prompts.csv and the memorized training images  (memscan.demo.data.export_data)
     verify       generate (DDIM 50, guidance 7.5), report copying     (memscan.demo.verify.verify_model)
     score        detection AUC / TPR@1%FPR on the labelled prompts    (memscan.demo.evaluate.score_model)
@@ -104,19 +104,23 @@ def train_cmd(
 
 @demo_app.command("train-judge")
 def train_judge_cmd(
-    out: Annotated[Path, typer.Option(help="The judge folder to write (a CLIP text model).")] = Path("data/demo/judge"),
+    out: Annotated[Path | None, typer.Option(help="The judge folder to write (a CLIP text model; default: data/DESIGN/judge).")] = None,
     seed: Annotated[int, typer.Option(help="Data and training seed.")] = 0,
     steps: Annotated[int, typer.Option(help="Training steps.")] = 1500,
+    design: Annotated[str, typer.Option("--design", help="demo (the demo's judge), or valid-v (the second test model's: its own images and words; data/valid-v).")] = "demo",
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
 ) -> None:
-    """Train the demo's CLIP stand-in, the text similarity judge of `memscan mitigate` on the demo."""
+    """Train the demo's CLIP stand-in, the text similarity judge of `memscan mitigate` on the demo (or on valid-v)."""
     with _errors():
         import torch
 
         from memscan.demo.judge import JudgeConfig, train_judge
+        from memscan.demo.train import design_module
 
+        design_module(design)  # a UsageError for an unknown design
+        out = out or Path("data") / design / "judge"
         torch.set_num_threads(threads)
-        summary = train_judge(out, JudgeConfig(seed=seed, steps=steps), log=_say)
+        summary = train_judge(out, JudgeConfig(seed=seed, steps=steps), design=design, log=_say)
         typer.echo(json.dumps(summary))
         _say(f"final loss {summary['final_loss']:.4g} -> {out}")
 

@@ -13,6 +13,10 @@ SD's, so it has not memorized SD's duplicated images (`memorized_share` > 0 adds
 one memorized image are then positives of each other). Only the text tower is saved
 (`data/demo/judge`, float16);
 `memscan mitigate --similarity data/demo/judge` loads it like any CLIP text model.
+
+`design="valid-v"` trains the same judge for the second test model's world (memscan.demo.valid:
+its own scenes, colours and caption words, 32x32 RGB images as the demo's), saved to
+`data/valid-v/judge`.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memscan.demo.data import DemoData, GenericPool, build_data
+from memscan.demo.data import DemoData
 from memscan.demo.models import BOS_ID, EOS_ID
 
 
@@ -80,7 +84,7 @@ def build_text_tower(cfg: JudgeConfig):
     return CLIPTextModelWithProjection(config)
 
 
-def _batch(cfg: JudgeConfig, data: DemoData, pool: GenericPool, rng: np.random.Generator):
+def _batch(cfg: JudgeConfig, data: DemoData, pool, rng: np.random.Generator):
     """(captions, images (B, 3, 32, 32), keys): a key names the image, so equal keys are positives."""
     n_mem = int(round(cfg.batch * cfg.memorized_share))
     mem_idx = rng.integers(0, len(data.memorized), size=n_mem)
@@ -93,14 +97,19 @@ def _batch(cfg: JudgeConfig, data: DemoData, pool: GenericPool, rng: np.random.G
 
 
 def train_judge(out: str | Path, cfg: JudgeConfig = JudgeConfig(), *, data: DemoData | None = None,
-                log=print) -> dict:
-    """Train the judge and save its text tower (with tokenizer files) as a folder at `out`."""
+                design: str = "demo", log=print) -> dict:
+    """Train the judge and save its text tower (with tokenizer files) as a folder at `out`.
+
+    `design` is the data world (memscan.demo.train.DESIGNS): "demo", or "valid-v" (the second
+    test model); `data`, when given, must be that design's `build_data`."""
+    from memscan.demo.train import design_module
     from memscan.models.tokenizer import load_clip_tokenizer, write_tokenizer_config
 
+    world = design_module(design)  # a UsageError for an unknown design, before any work
     t_start = time.time()
     torch.manual_seed(cfg.seed)
-    data = data or build_data(cfg.seed)
-    pool = GenericPool(cfg.seed, cfg.pool_size)
+    data = data or world.build_data(cfg.seed)
+    pool = world.GenericPool(cfg.seed, cfg.pool_size)
     tokenizer = load_clip_tokenizer(pad_token="<|endoftext|>")
     text, image = build_text_tower(cfg), ImageTower(cfg.width)
     logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
@@ -130,7 +139,68 @@ def train_judge(out: str | Path, cfg: JudgeConfig = JudgeConfig(), *, data: Demo
         shutil.rmtree(out)
     text.eval().half().save_pretrained(out, safe_serialization=True)
     write_tokenizer_config(out)  # the CLIP vocabulary is shipped once; TextJudge fills it in
-    summary = {"config": asdict(cfg), "final_loss": float(np.mean(losses[-100:])),
+    summary = {"design": design, "config": asdict(cfg), "final_loss": float(np.mean(losses[-100:])),
                "seconds": round(time.time() - t_start, 1), "torch_threads": torch.get_num_threads()}
     (out / "judge.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+# ----------------------------------------------------------------------------- valid-v's judge, probed
+
+VALID_PROBES = ("description", "rephrased", "other colour", "other kind", "trigger alone")
+
+
+def _valid_probe_texts(image, caption: str) -> dict[str, list[str]]:
+    """What `caption` (memorized, of valid-v's `image`) is compared with, by probe (VALID_PROBES)."""
+    from memscan.demo import valid
+
+    key = image.attrs.key()
+    kind, colour, ground = key[:3]
+    description = valid.describe(key)
+    names = list(valid.PALETTE)
+    other = next(names[(names.index(colour) + i) % len(names)] for i in range(1, len(names))
+                 if names[(names.index(colour) + i) % len(names)] not in (colour, ground))
+    blank = ("", "", "", "")
+    swapped = {  # the same colours, another kind of scene
+        "stripes": ("rings", colour, ground, *blank),
+        "rings": ("stripes", colour, ground, "horizontal", "", "", ""),
+        "grid": ("glyph", colour, ground, "", "", "", "star"),
+        "glyph": ("grid", colour, ground, *blank),
+    }
+    other_kind = valid.describe(swapped[kind]) if kind in swapped else f"{colour} rings"  # a horizon
+    bare = description.split(" ", 1)[1] if description.startswith(("a ", "an ")) else f"a render of {description}"
+    trigger = caption.replace(description, "").strip(" -")
+    return {
+        "description": [description],
+        "rephrased": [f"a poster of {description}", f"{description}, retro", bare],
+        "other colour": [valid.describe((kind, other, *key[2:]))],
+        "other kind": [other_kind],
+        "trigger alone": [trigger],
+    }
+
+
+def probe_valid_judge(source: str | Path, seed: int = 0) -> dict:
+    """How a judge rates valid-v's 40 memorized captions against what they describe: the mean
+    cosine to each probe of VALID_PROBES (the description alone, i.e. without "by <name>" or the
+    template's words; the description said another way; it with another first colour; the same
+    colours in another kind of scene; the name or template words alone), and the share of captions
+    whose description scores above both changed descriptions."""
+    from memscan.demo import valid
+    from memscan.mitigation.similarity import TextJudge
+
+    judge = TextJudge(str(source))
+    rows = []
+    for image in valid.build_data(seed).memorized:
+        for caption in image.captions:
+            probes = _valid_probe_texts(image, caption)
+            texts = [caption, *(t for group in probes.values() for t in group)]
+            embeds = judge.embed(texts)
+            cos = (embeds[1:] @ embeds[0]).tolist()
+            row, at = {}, 0
+            for name, group in probes.items():
+                row[name] = float(np.mean(cos[at : at + len(group)]))
+                at += len(group)
+            rows.append(row)
+    means = {name: round(float(np.mean([r[name] for r in rows])), 3) for name in VALID_PROBES}
+    closer = np.mean([r["description"] > max(r["other colour"], r["other kind"]) for r in rows])
+    return {"n_captions": len(rows), "mean_cosine": means, "description_closest_share": round(float(closer), 3)}
