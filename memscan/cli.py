@@ -683,7 +683,8 @@ def calibrate_cmd(
             f"TPR {result.tpr if result.tpr is None else round(result.tpr, 3)} on {result.n_clean} clean / "
             f"{result.n_memorized} memorized prompts"
             + (f"; held out: FPR {held['fpr']:.3f}, TPR {held['tpr']:.3f}" if held and held["tpr"] is not None else "")
-            + (f", AUC {held['auc']:.3f}" if held and held.get("auc") is not None else "")
+            + (f", AUC {held['auc']:.3f}, ROC TPR@{target_fpr:g} {held['roc_tpr_at_target_fpr']:.3f}"
+               if held and held.get("auc") is not None else "")
             + f" -> {output}"
         )
         if result.groups is not None:

@@ -548,10 +548,11 @@ class Calibration:
                 if v is not None and v != ()}
 
 
-def _rates(scores: np.ndarray, labels: np.ndarray, threshold: float, groups: np.ndarray | None = None
-           ) -> dict[str, Any]:
+def _rates(scores: np.ndarray, labels: np.ndarray, threshold: float, groups: np.ndarray | None = None,
+           target_fpr: float | None = None) -> dict[str, Any]:
     """Prompt-level FPR and TPR at `threshold`; with groups also the share of clean groups with a
-    member above it (`group_fpr`) and their number."""
+    member above it (`group_fpr`) and their number; with `target_fpr` the AUC and the ROC's TPR at
+    that FPR ('below' convention) too."""
     flagged = scores > np.float32(threshold)
     clean, memorized = labels == 0, labels == 1
     rates = {
@@ -559,10 +560,10 @@ def _rates(scores: np.ndarray, labels: np.ndarray, threshold: float, groups: np.
         "fpr": float(flagged[clean].mean()) if clean.any() else None,
         "tpr": float(flagged[memorized].mean()) if memorized.any() else None,
     }
-    if clean.any() and memorized.any():
-        from sklearn.metrics import roc_auc_score
-
-        rates["auc"] = float(roc_auc_score(labels, scores))
+    if clean.any() and memorized.any() and target_fpr is not None:  # the ranking itself, whatever the threshold
+        ranking = evaluate(labels, scores, targets=(target_fpr,))
+        rates["auc"] = ranking.auc
+        rates["roc_tpr_at_target_fpr"] = ranking.point(target_fpr, "below").tpr
     if groups is not None:
         per_group = pd.Series(flagged[clean]).groupby(np.asarray(groups)[clean]).any()
         rates["n_clean_groups"] = int(per_group.size)
@@ -666,7 +667,7 @@ def calibrate(
     if searched_indices(rows):
         if not fit:
             raise UsageError("--search-timesteps fits the weights of the chosen steps; drop --no-fit")
-        pair = choose_pair(rows, labels, default=default_pair, target_fpr=target_fpr)
+        pair = choose_pair(rows, labels, default=default_pair, target_fpr=target_fpr, confidence=confidence)
         rows, test = (part.assign(norm=part[f"{NORM_PREFIX}{pair.t_hi_index}"],
                                   alignment=part[f"{ALIGN_PREFIX}{pair.t_lo_index}"]) for part in (rows, test))
     if fit:
@@ -683,8 +684,8 @@ def calibrate(
                                             groups=groups[clean] if grouped else None)
     measured = _rates(scores, labels, threshold, groups if grouped else None)
     test_scores = score(test)
-    held = _rates(test_scores, test["label"].to_numpy(), threshold, test_groups if grouped else None) if len(test) \
-        else None
+    held = _rates(test_scores, test["label"].to_numpy(), threshold, test_groups if grouped else None,
+                  target_fpr) if len(test) else None
     sides = {"calibration": (scores, labels, groups, texts),
              "holdout": (test_scores, test["label"].to_numpy(), test_groups, test_texts)}
     if not grouped and has_text and len(frame) <= DIAGNOSE_MAX and any(
@@ -844,7 +845,8 @@ def calibrate_scores(
                  what="profile")
     frame, facts = load_labelled(scores_path, labels_path, label_column=label_column,
                                  extra_columns=[group_column] if group_column else [])
-    if (auto_groups or search_timesteps) and labels_path is not None and ("prompt" not in frame or frame["prompt"].isna().all()):
+    textless = "prompt" not in frame or frame["prompt"].isna().all()
+    if (auto_groups or search_timesteps) and labels_path is not None and textless:
         labels = read_labels(labels_path, label_column=label_column)  # scores without text: the labels'
         frame = frame.assign(prompt=frame["prompt_id"].astype(str).map(
             labels.drop_duplicates("prompt_id").set_index("prompt_id")["prompt"]).to_numpy())

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -82,7 +81,8 @@ def _column(t: int, rows: int, model: ScoringModel) -> torch.Tensor:
 
 def searched_indices(frame: pd.DataFrame) -> list[int]:
     """The step indices `frame` has both term columns for (empty: no search)."""
-    found = {int(c[len(NORM_PREFIX):]) for c in frame.columns if c.startswith(NORM_PREFIX) and c[len(NORM_PREFIX):].isdigit()}
+    suffixes = (str(c)[len(NORM_PREFIX):] for c in frame.columns if str(c).startswith(NORM_PREFIX))
+    found = {int(s) for s in suffixes if s.isdigit()}
     return sorted(i for i in found if f"{ALIGN_PREFIX}{i}" in frame)
 
 
@@ -99,18 +99,21 @@ class PairChoice:
     candidates: int
 
 
-def tpr_at(scores: np.ndarray, labels: np.ndarray, target_fpr: float) -> float:
-    """Share of memorized scores above the clean score that at most `target_fpr` of clean ones exceed."""
-    clean = np.sort(scores[labels == 0])[::-1]
-    threshold = clean[min(int(np.floor(target_fpr * len(clean))), len(clean) - 1)]
-    return float((scores[labels == 1] > threshold).mean())
+def tpr_at(scores: np.ndarray, labels: np.ndarray, target_fpr: float, confidence: float = 0.9) -> float:
+    """TPR at the threshold `memscan calibrate` would set on these scores (`clean_threshold`)."""
+    from memscan.evaluate import clean_threshold
+
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    threshold, _ = clean_threshold(scores[labels == 0], target_fpr, confidence, others=scores[labels == 1])
+    return float((scores[labels == 1] > np.float32(threshold)).mean())
 
 
 def choose_pair(
-    frame: pd.DataFrame, labels: np.ndarray, *, default: tuple[int, int], target_fpr: float, steps: int = 50,
+    frame: pd.DataFrame, labels: np.ndarray, *, default: tuple[int, int], target_fpr: float,
+    confidence: float = 0.9, steps: int = 50,
 ) -> PairChoice:
     """The (t_hi, t_lo) index pair of the searched columns whose fitted score ranks `labels` best:
-    highest TPR at `target_fpr`, then AUC, both rounded (to 0.01 and 0.001) so that only a real
+    highest TPR at the threshold calibrate would set (`target_fpr`, `confidence`), then AUC, both rounded (to 0.01 and 0.001) so that only a real
     gain moves off the `default` pair (indices may be negative, as in profiles)."""
     from sklearn.metrics import roc_auc_score
 
@@ -125,7 +128,7 @@ def choose_pair(
         for lo in indices:
             norm, align = frame[f"{NORM_PREFIX}{hi}"].to_numpy(), frame[f"{ALIGN_PREFIX}{lo}"].to_numpy()
             scores = combined(norm, align, *fit_weights(norm, align, labels))
-            results[(hi, lo)] = (tpr_at(scores, labels, target_fpr), float(roc_auc_score(labels, scores)))
+            results[(hi, lo)] = (tpr_at(scores, labels, target_fpr, confidence), float(roc_auc_score(labels, scores)))
 
     def key(pair: tuple[int, int]) -> tuple[float, float, bool, int]:
         tpr, auc = results[pair]

@@ -57,11 +57,14 @@ def test_a_separating_step_is_chosen_and_ties_keep_the_profiles_pair() -> None:
     assert (choice.t_hi_index, choice.t_lo_index) == (0, 47)
 
 
-def test_tpr_at_counts_memorized_above_the_allowed_clean_score() -> None:
-    scores = np.r_[np.arange(100.0), [50.5, 98.5, 99.5, 200.0]]
-    labels = np.r_[np.zeros(100, int), np.ones(4, int)]
-    assert tpr_at(scores, labels, 0.01) == 0.75  # threshold 98: one clean score (99) above it, FPR 1%
-    assert tpr_at(scores, labels, 0.0) == 0.5  # threshold 99: 99.5 and 200
+def test_tpr_at_uses_the_threshold_calibrate_sets() -> None:
+    scores = np.r_[np.arange(400.0), [396.5, 398.5, 399.5, 500.0]]
+    labels = np.r_[np.zeros(400, int), np.ones(4, int)]
+    # 400 clean prompts, 1% at 90% confidence: the threshold sits just above the 2nd largest (398)
+    assert tpr_at(scores, labels, 0.01) == 0.75
+    assert tpr_at(scores[:100].tolist() + [500.0], np.r_[np.zeros(100, int), 1], 0.01) == 1.0
+    few = np.r_[np.arange(100.0), [98.5, 99.5]]  # too few for the guarantee: above the largest clean score
+    assert tpr_at(few, np.r_[np.zeros(100, int), 1, 1], 0.01) == 0.5
 
 
 def test_calibrate_reads_the_chosen_steps_on_both_sides() -> None:
@@ -90,11 +93,12 @@ def test_calibrate_command_writes_the_searched_steps(tiny_model_dir: Path, tmp_p
     clean = [f"a {a} {w} at dawn" for a in ("small", "green", "old", "wide", "calm") for w in words]
     memorized = [f"the {a} {w} of lindale" for a in ("quiet", "golden", "hidden") for w in words[:4]]
     prompts = tmp_path / "prompts.csv"
-    pd.DataFrame({"prompt": clean + memorized,
-                  "label": ["not_memorized"] * len(clean) + ["memorized"] * len(memorized)}).to_csv(prompts, index=False)
+    labels = ["not_memorized"] * len(clean) + ["memorized"] * len(memorized)
+    pd.DataFrame({"prompt": clean + memorized, "label": labels}).to_csv(prompts, index=False)
     runner = CliRunner()
     scores = tmp_path / "s.parquet"
-    assert runner.invoke(app, ["detect", str(prompts), "-o", str(scores), "--model", str(tiny_model_dir)]).exit_code == 0
+    detected = runner.invoke(app, ["detect", str(prompts), "-o", str(scores), "--model", str(tiny_model_dir)])
+    assert detected.exit_code == 0, detected.output
     profile = tmp_path / "p.toml"
     result = runner.invoke(app, ["calibrate", str(scores), "--labels", str(prompts), "-o", str(profile),
                                  "--target-fpr", "0.2", "--search-timesteps", "--json"])
