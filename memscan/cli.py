@@ -811,6 +811,7 @@ def mitigate_cmd(
     max_edits: Annotated[int, typer.Option("--max-edits", help="Most edits in one rewrite (search rounds).")] = 4,
     similarity: Annotated[str | None, typer.Option(help="What measures --min-similarity: pooled (CLIP's EOS state), tokens (mean of the token states), or a CLIP text model to judge with, a folder or hub id (default: the profile's).")] = None,
     prefer: Annotated[str, typer.Option(help="Which rewrite of a round wins: score (the lowest, farthest from memorized) or similarity (the closest).")] = "score",
+    substitute_words: Annotated[str, typer.Option("--substitute-words", help="Where substitutes come from: english (frequent English words, shipped), a word-list file (one word per line, e.g. your captions' vocabulary), or embedding (the text encoder's token-table neighbours); words are ranked by --similarity.")] = "english",
     verify_noise: Annotated[int, typer.Option("--verify-noise", help="Noises of an independent bank that must also score a rewrite under the target; 0 = off.")] = 4,
     all_rows: Annotated[bool, typer.Option("--all", help="From a detect output, take every row, not only the flagged ones.")] = False,
     emit_embeddings: Annotated[str | None, typer.Option("--emit-embeddings", help="Also optimise each prompt's embedding; save them here (safetensors, by prompt_id; a path or URL).")] = None,
@@ -850,7 +851,7 @@ def mitigate_cmd(
                                   architecture=architecture, allow_pickle=allow_pickle,
                                   prompt_column=prompt_column, id_column=id_column),
             target=target, min_similarity=min_similarity, beam_width=beam_width, max_edits=max_edits,
-            verify_noise=verify_noise, similarity=similarity, prefer=prefer,
+            verify_noise=verify_noise, similarity=similarity, prefer=prefer, substitute_words=substitute_words,
             all_rows=all_rows, emit_embeddings=emit_embeddings, embedding_steps=embedding_steps,
         )
         default = _default_output(input_path).name.removesuffix(".scores.parquet") + ".mitigated.parquet"

@@ -75,6 +75,7 @@ def test_wheel_ships_the_tokenizer_once_and_the_licences(built: dict[str, Path])
         assert any(name.endswith(f"/licenses/{license_file}") for name in dist_info), license_file
     for shipped in ("memscan/configs/demo.toml", "memscan/data/demo/model/model_index.json",
                     "memscan/data/demo/judge/model.safetensors", "memscan/data/valid-v/judge/model.safetensors",
+                    "memscan/data/words/english.txt",
                     "memscan/data/benchmark/sd1_mem.txt",
                     "memscan/data/tokenizer/vocab.json", "memscan/configs/architectures/sd-v1/unet/config.json"):
         assert shipped in names

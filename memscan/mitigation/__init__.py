@@ -34,6 +34,7 @@ from memscan.mitigation.table import (
     output_schema,
     read_rows,
 )
+from memscan.mitigation.words import WordSubstitutes, read_words
 from memscan.models.loading import ScoringModel
 from memscan.outputs import check_distinct, check_output
 from memscan.progress import Progress
@@ -134,15 +135,12 @@ def rewrite_prompts(
     started = time.perf_counter()
     scoring = DifferentiableScore(scorer)
     attributions = attribute(scoring, [str(prompts.iloc[i]) for i in todo], batch_size=scorer.batch_size)
-    edits = EditSpace(
-        TokenNeighbours(scorer.model).substitutes, n_substitutes=settings.n_substitutes,
-        insert_words=settings.insert_words,
-    )
+    similarity = resolve_similarity(settings.similarity or scorer.model.profile.text_similarity)
+    edits = EditSpace(substitutes_for(scorer, settings.substitute_words, similarity),
+                      n_substitutes=settings.n_substitutes, insert_words=settings.insert_words)
     search = RewriteSearch(scorer, edits, SearchSettings(
         target=target, min_similarity=settings.min_similarity, beam_width=settings.beam_width,
-        max_edits=settings.max_edits, n_triggers=settings.n_triggers,
-        similarity=resolve_similarity(settings.similarity or scorer.model.profile.text_similarity),
-        prefer=settings.prefer,
+        max_edits=settings.max_edits, n_triggers=settings.n_triggers, similarity=similarity, prefer=settings.prefer,
     ), verifier=verifier_for(scorer, settings.verify_noise))
     out = pd.DataFrame({
         "prompt_id": frame["prompt_id"].astype(str).to_numpy(),
@@ -178,6 +176,15 @@ def rewrite_prompts(
         "seconds_per_prompt": round(seconds / len(todo), 4) if len(todo) else None,
         "candidates_per_prompt": round(candidates / len(todo), 1) if len(todo) else None,
     }
+
+
+def substitutes_for(scorer: Scorer, words: str, similarity: str) -> Callable[[str, int], list[str]]:
+    """The substitute source `--substitute-words` names: real words of a list ranked by `similarity`
+    (memscan.mitigation.words), or `embedding`, the token table's own neighbours (noise words on
+    models trained on other captions; kept to compare)."""
+    if words == "embedding":
+        return TokenNeighbours(scorer.model).substitutes
+    return WordSubstitutes(scorer.model, read_words(words), similarity).substitutes
 
 
 VERIFY_SEED_OFFSET = 7919  # the verifier's noise bank: independent of the search's, fixed by its seed

@@ -33,6 +33,7 @@ class MitigateSettings:
     n_triggers: int = 7  # words (by attribution) the edits may touch
     report_triggers: int = 3  # tokens listed in `trigger_tokens`
     n_substitutes: int = 8
+    substitute_words: str = "english"  # english | a word-list file | embedding (the token table's neighbours)
     verify_noise: int = 4  # noises of the independent bank that must confirm a rewrite; 0 = off
     insert_words: tuple[str, ...] = NEUTRAL_WORDS
     all_rows: bool = False
@@ -54,6 +55,14 @@ class MitigateSettings:
             raise UsageError("--substitutes, --embedding-steps and --verify-noise must be >= 0")
         if self.embedding_lr <= 0:
             raise UsageError(f"--embedding-lr must be > 0, got {self.embedding_lr}")
+        if not self.substitute_words.strip():
+            raise UsageError("--substitute-words must be english, embedding or a word-list file")
+        if self.substitute_words not in ("english", "embedding"):  # a file: as every worker must see it
+            object.__setattr__(self, "substitute_words", str(Path(self.substitute_words).expanduser().resolve()))
+        if self.substitute_words != "embedding":
+            from memscan.mitigation.words import read_words
+
+            read_words(self.substitute_words)  # an unreadable or empty list fails here, before any model loads
         if any(not w or any(c.isspace() for c in w) for w in self.insert_words):
             raise UsageError("--insert-words must be single words")
 
