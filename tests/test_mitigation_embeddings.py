@@ -52,8 +52,8 @@ def test_an_embedding_counts_only_when_the_verifier_agrees(scoring: Differentiab
 
     before = float(scoring.scorer.score_texts([PROMPT]).columns["score"][0])
     target = before - 0.05
-    plain = optimise_embedding(scoring, PROMPT, target, steps=50)
-    checked = optimise_embedding(scoring, PROMPT, target, steps=50,
+    plain = optimise_embedding(scoring, PROMPT, target, steps=50, require_norm=False)
+    checked = optimise_embedding(scoring, PROMPT, target, steps=50, require_norm=False,
                                  verifier=DifferentiableScore(verifier_for(scoring.scorer, 2)))
     assert plain.verified is None and checked.resolved
     assert checked.verified is not None and checked.verified < target and checked.steps >= plain.steps
@@ -63,7 +63,8 @@ def test_an_embedding_counts_only_when_the_verifier_agrees(scoring: Differentiab
             return {"score": torch.tensor([1e9])}
 
     budget = plain.steps + 2
-    stuck = optimise_embedding(scoring, PROMPT, target, steps=budget, verifier=Disagrees())  # type: ignore[arg-type]
+    stuck = optimise_embedding(scoring, PROMPT, target, steps=budget, verifier=Disagrees(),  # type: ignore[arg-type]
+                               require_norm=False)
     assert stuck.steps == budget and not stuck.resolved and stuck.verified == 1e9
 
 
@@ -77,3 +78,41 @@ def test_save_and_load_by_prompt_id(tmp_path: Path) -> None:
 
     with safe_open(str(path), "pt") as handle:
         assert '"target": 0.5' in handle.metadata()["memscan"]
+
+
+def test_the_norm_term_must_fall_as_well(scoring: DifferentiableScore) -> None:
+    """A calibrated score can fall through the alignment alone; the norm term must reach the value
+    that would put the original prompt under the target by itself."""
+    columns = scoring.scorer.score_texts([PROMPT]).columns
+    before, alignment = float(columns["score"][0]), float(columns["alignment"][0])
+    target = before - 0.05
+    method = scoring.method
+    free = optimise_embedding(scoring, PROMPT, target, steps=60, require_norm=False, similarity_weight=0.0)
+    bound = optimise_embedding(scoring, PROMPT, target, steps=60, similarity_weight=0.0)
+    assert free.norm_limit is None and free.resolved
+    assert bound.norm_limit == pytest.approx(target - method.w_align * alignment, abs=1e-5)
+    assert bound.resolved and bound.norm_term < bound.norm_limit and bound.score < target
+    assert bound.steps >= free.steps
+    with torch.inference_mode():
+        again = scoring.method.score(scoring.model, scoring.scorer.state, scoring.noise, bound.embeds)
+    assert float(method.w_norm * again["norm"][0]) == pytest.approx(bound.norm_term, abs=1e-5)
+
+
+def test_the_similarity_pull_keeps_the_embedding_closer(scoring: DifferentiableScore) -> None:
+    target = float(scoring.scorer.score_texts([PROMPT]).columns["score"][0]) - 0.9  # a few steps away
+    loose = optimise_embedding(scoring, PROMPT, target, steps=40, require_norm=False, similarity_weight=0.0)
+    pulled = optimise_embedding(scoring, PROMPT, target, steps=40, require_norm=False, similarity_weight=20.0)
+    assert loose.resolved and pulled.resolved and loose.steps > 1
+    assert loose.similarity < 1.0 and pulled.similarity > loose.similarity
+    assert optimise_embedding(scoring, PROMPT, 1e9, steps=5).similarity == pytest.approx(1.0)
+
+
+def test_embedding_cosine_leaves_bos_out() -> None:
+    from memscan.mitigation.embeddings import embedding_cosine
+
+    a = torch.randn(1, 77, 8)
+    b = a.clone()
+    b[:, 0] += 100.0
+    assert float(embedding_cosine(a, b)) == pytest.approx(1.0)
+    b[:, 1:] = -a[:, 1:]
+    assert float(embedding_cosine(a, b)) == pytest.approx(-1.0)

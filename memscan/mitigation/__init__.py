@@ -209,6 +209,8 @@ def emit_embeddings(
     rows["embedding_score"] = np.full(len(rows), np.nan, dtype=np.float32)
     rows["embedding_score_verified"] = np.full(len(rows), np.nan, dtype=np.float32)
     rows["embedding_steps"] = pd.array([None] * len(rows), dtype="Int32")
+    rows["embedding_similarity"] = np.full(len(rows), np.nan, dtype=np.float32)  # cosine to the prompt's own
+    rows["embedding_resolved"] = pd.array([None] * len(rows), dtype="boolean")  # score and norm term under, verified
     embeds = {}
     for i in np.flatnonzero(rows["status"].isin([STATUS_OK, STATUS_UNRESOLVED]).to_numpy()):
         result = optimise_embedding(
@@ -219,6 +221,8 @@ def emit_embeddings(
         rows.at[i, "embedding_score"] = result.score
         rows.at[i, "embedding_score_verified"] = np.nan if result.verified is None else result.verified
         rows.at[i, "embedding_steps"] = result.steps
+        rows.at[i, "embedding_similarity"] = result.similarity
+        rows.at[i, "embedding_resolved"] = result.resolved
     return embeds, round(time.perf_counter() - started, 3)
 
 
@@ -238,10 +242,9 @@ def summarize(rows: pd.DataFrame, *, target: float) -> dict[str, Any]:
             **{f"q{int(q * 100)}": round(float(sims.quantile(q)), 4) for q in (0.1, 0.25, 0.5)},
         },
     }
-    if "embedding_score" in rows:
-        emb = rows.loc[attempted, ["embedding_score", "embedding_score_verified"]].astype(float)
-        under = (emb["embedding_score"] < target) & ~(emb["embedding_score_verified"] >= target)
-        summary["embedding_success_rate"] = round(float(under.mean()), 4) if len(emb) else None
+    if "embedding_resolved" in rows:  # under the target with the norm term, confirmed on the other bank
+        resolved = rows.loc[attempted, "embedding_resolved"].fillna(False).astype(bool)
+        summary["embedding_success_rate"] = round(float(resolved.mean()), 4) if len(resolved) else None
     return summary
 
 

@@ -8,7 +8,9 @@ a budget of steps. The results are saved as safetensors, one (1, 77, hidden) ten
 An embedding optimised on one noise bank learns that bank: on the demo, 54/54 went under the
 target but the images of 43% still copied. With a `verifier` (the same score on an independent
 noise bank, as the text search uses) an embedding counts as under the target only when the
-verifier agrees, and the optimisation goes on until it does or the budget ends.
+verifier agrees, and the optimisation goes on until it does or the budget ends. A calibrated
+score can also be lowered through one term alone; `optimise_embedding` requires the norm term to
+fall as well, and pulls the embedding back towards the prompt's own (see its docstring).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from memscan.mitigation.differentiable import DifferentiableScore
 from memscan.models.text import encode_prompts
 
 METADATA_KEY = "memscan"
+HINGE_MARGIN = 0.1  # the hinges aim this share of the starting gap under their limits
+NORM_FLOOR = 0.5  # the norm term's limit is never below this share of its starting value (see optimise_embedding)
 
 
 @dataclass(frozen=True)
@@ -36,40 +40,82 @@ class OptimisedEmbedding:
     steps: int
     resolved: bool
     verified: float | None = None  # the verifier's score of `embeds` (None: no verifier, or not under target)
+    norm_term: float | None = None  # w_norm * norm of `embeds`, and the most it may be (see optimise_embedding)
+    norm_limit: float | None = None
+    similarity: float | None = None  # cosine of `embeds` to the prompt's own embedding (positions after BOS)
+
+
+def embedding_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine of two (1, 77, hidden) prompt embeddings flattened over the positions after BOS (the
+    optimiser never moves BOS, and SD's BOS state is large enough to keep any cosine near 1)."""
+    return torch.nn.functional.cosine_similarity(a[:, 1:].flatten(1).float(), b[:, 1:].flatten(1).float(), dim=1).sum()
 
 
 def optimise_embedding(
     scoring: DifferentiableScore, prompt: str, target: float, *, steps: int = 10, lr: float = 0.05,
-    verifier: DifferentiableScore | None = None,
+    verifier: DifferentiableScore | None = None, require_norm: bool = True, similarity_weight: float = 1.0,
 ) -> OptimisedEmbedding:
-    """Lower `prompt`'s score below `target` by AdamW on its embedding (BOS frozen), <= `steps` steps,
-    until `verifier` (when given) also scores it under the target.
+    """Lower `prompt`'s score below `target` by AdamW on its embedding (BOS frozen), <= `steps` steps.
 
-    The score reported is the score of the returned embedding, read in the same forward pass that
-    decided to stop."""
+    A calibrated score can fall by one term alone: on the demo (w_align 2) the alignment is the easy
+    direction, and embeddings under the target still copied. With `require_norm` the norm term must
+    fall too: `w_norm * norm` must reach the value that would put the ORIGINAL prompt under the
+    target by itself, `target - w_align * alignment_0` (at least NORM_FLOOR of its own value, for
+    prompts whose alignment alone is above the target); the loss is then two hinges, the score's
+    and the norm term's, each aiming a little under its limit, so that once the score is under the
+    target only the norm term pulls. An
+    embedding counts only when the score and the norm term are under their limits on the scoring
+    noise AND on the `verifier`'s independent bank. `similarity_weight` adds
+    `similarity_weight * (score_0 - target) * (1 - cos(e, e_0))`: a pull back to the original
+    embedding in the score's own units, so the content moves no further than needed."""
     model = scoring.model
+    method = scoring.method
+    w_norm, w_align = float(getattr(method, "w_norm", 1.0)), float(getattr(method, "w_align", 0.0))
     with torch.no_grad():
         start = encode_prompts(model, [prompt]).float()
+        first = scoring.of_prompt_embeds(start.to(model.dtype))
+    limit = None
+    if require_norm and {"norm", "alignment"} <= first.keys() and w_norm > 0:
+        norm_0 = w_norm * float(first["norm"].sum())
+        limit = target - w_align * float(first["alignment"].sum())
+        if limit <= NORM_FLOOR * norm_0:  # the alignment alone is (nearly) above the target: halve the norm
+            limit = NORM_FLOOR * norm_0
+    gap = max(float(first["score"].sum()) - target, 0.0)
+    pull = similarity_weight * gap
+    margin = HINGE_MARGIN * gap
     bos = start[:, :1]
     rest = start[:, 1:].clone().requires_grad_(True)
     optimiser = torch.optim.AdamW([rest], lr=lr)
     step = 0
     while True:
         embeds = torch.cat([bos, rest], dim=1).to(model.dtype)
-        score = scoring.of_prompt_embeds(embeds)["score"].sum()
+        terms = scoring.of_prompt_embeds(embeds)
+        score = terms["score"].sum()
         value = float(score.detach())
-        verified = None  # the verifier's score of these very embeds, asked only under the target
-        if value < target and verifier is not None:
+        norm_term = float(w_norm * terms["norm"].sum().detach()) if limit is not None else None
+        verified = None  # the verifier's score of these very embeds, asked only when all else is under
+        passed = value < target and (norm_term is None or norm_term < limit)
+        if passed and verifier is not None:
             with torch.no_grad():
-                verified = float(verifier.of_prompt_embeds(embeds.detach())["score"].sum())
-        under = value < target and (verifier is None or verified is not None and verified < target)
-        if under or step == steps:
+                checked = verifier.of_prompt_embeds(embeds.detach())
+            verified = float(checked["score"].sum())
+            passed = verified < target and (limit is None or "norm" not in checked
+                                            or float(w_norm * checked["norm"].sum()) < limit)
+        if passed or step == steps:
             break
+        loss = score
+        if limit is not None:  # both as hinges: once the score is under, only the norm term pulls
+            loss = torch.relu(score - (target - margin)) + torch.relu(w_norm * terms["norm"].sum() - (limit - margin))
+        if pull:
+            loss = loss + pull * (1.0 - embedding_cosine(torch.cat([bos, rest], dim=1), start))
         optimiser.zero_grad(set_to_none=True)
-        score.backward()
+        loss.backward()
         optimiser.step()
         step += 1
-    return OptimisedEmbedding(embeds.detach().cpu().contiguous(), value, step, under, verified)
+    with torch.no_grad():
+        similarity = float(embedding_cosine(embeds.detach(), start))
+    return OptimisedEmbedding(embeds.detach().cpu().contiguous(), value, step, passed, verified,
+                              norm_term, limit, similarity)
 
 
 def save_embeddings(path: Path, embeddings: dict[str, torch.Tensor], facts: dict[str, Any]) -> None:

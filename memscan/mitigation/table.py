@@ -20,7 +20,8 @@ from memscan.storage import Location
 STATUS_OK = "ok"
 STATUS_UNRESOLVED = "unresolved"
 STATUS_NOT_FLAGGED = "not_flagged"
-EMBEDDING_COLUMNS = ("embedding_score", "embedding_score_verified", "embedding_steps")
+EMBEDDING_COLUMNS = ("embedding_score", "embedding_score_verified", "embedding_steps", "embedding_similarity",
+                     "embedding_resolved")
 
 
 def is_detect_output(path: str | Location | DatasetRef) -> bool:
@@ -86,5 +87,6 @@ def output_schema(*, embeddings: bool) -> pa.Schema:
     ]
     if embeddings:
         fields += [pa.field("embedding_score", pa.float32()), pa.field("embedding_score_verified", pa.float32()),
-                   pa.field("embedding_steps", pa.int32())]
+                   pa.field("embedding_steps", pa.int32()), pa.field("embedding_similarity", pa.float32()),
+                   pa.field("embedding_resolved", pa.bool_())]
     return pa.schema(fields)
