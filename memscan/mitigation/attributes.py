@@ -66,6 +66,12 @@ class AttributeReader:
 
     neighbours: int = 5
     classifiers: dict[str, KNeighborsClassifier] = field(default_factory=dict)
+    attributes = ATTRIBUTES  # what `read` returns (memscan.mitigation.scenes.SceneReader has the same interface)
+
+    @staticmethod
+    def group_of(wanted: Mapping[str, str]) -> str:
+        """The group whose accuracy decides which attributes count: the object's size."""
+        return wanted["size"]
 
     @classmethod
     def calibrated(cls, decode: Decode | None = None, *, n: int = 4000, seed: int = 0) -> AttributeReader:

@@ -48,6 +48,7 @@ from memscan.mitigation.attributes import (
     decoded_renders,
     readable_attributes,
 )
+from memscan.mitigation.scenes import SceneReader
 from memscan.mitigation.table import STATUS_NOT_FLAGGED, STATUS_OK, STATUS_UNRESOLVED
 
 LABEL_COLUMNS = ("label", "kind", "train_image_id")
@@ -87,18 +88,63 @@ def generate_from_embeddings(pipe: Any, embeds: torch.Tensor, settings: CheckSet
 
 
 def agreements(
-    reader: AttributeReader, images: np.ndarray, wanted: list[dict[str, str]], checked: dict[str, tuple[str, ...]]
+    reader: AttributeReader | SceneReader, images: np.ndarray, wanted: list[dict[str, str]],
+    checked: dict[str, tuple[str, ...]],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per prompt, the mean agreement of its generations with what it asks for: over the attributes
-    `checked` for the asked size, and over all attributes."""
+    `checked` for its group (the demo: object size; valid-v: scene kind), and over all attributes."""
     read = reader.read(images.reshape(-1, *images.shape[2:]))
     each = [w for w in wanted for _ in range(images.shape[1])]
 
     def per_prompt(values: list[float]) -> np.ndarray:
         return np.array(values).reshape(images.shape[:2]).mean(axis=1)
 
-    return (per_prompt([agreement(r, w, checked.get(w["size"], ())) for r, w in zip(read, each, strict=True)]),
-            per_prompt([agreement(r, w) for r, w in zip(read, each, strict=True)]))
+    return (per_prompt([agreement(r, w, checked.get(reader.group_of(w), ())) for r, w in zip(read, each, strict=True)]),
+            per_prompt([agreement(r, w, reader.attributes) for r, w in zip(read, each, strict=True)]))
+
+
+@dataclass(frozen=True)
+class Content:
+    """What a design's memorized images show and how their generations are read: the reader, what
+    each training image's prompt names (by image id), the attributes that count per group, the
+    description a person would write for an image, and the reader's measured accuracy."""
+
+    reader: AttributeReader | SceneReader
+    wanted: dict[str, dict[str, str]]
+    checked: dict[str, tuple[str, ...]]
+    descriptions: dict[str, str]
+    facts: dict[str, Any]
+
+
+def content_for(design: str, data: Any, decode: Any, settings: CheckSettings) -> Content:
+    """The demo's fitted attribute reader, or valid-v's rule-based scene reader, measured on the
+    decoder's round trips of fresh renders (`decode`)."""
+    if design == "valid-v":
+        from memscan.demo.valid import describe as describe_scene
+        from memscan.mitigation.scenes import SceneReader, named, scene_renders
+
+        scene_reader = SceneReader()
+        by_kind = scene_reader.accuracy_by_kind(*scene_renders(decode, n=settings.reader_holdout,
+                                                               seed=settings.gen_seed + 1))
+        checked = {kind: tuple(f for f, a in acc.items() if a >= settings.min_reader_accuracy)
+                   for kind, acc in by_kind.items()}
+        return Content(scene_reader, {m.image_id: named(m.attrs) for m in data.memorized}, checked,
+                       {m.image_id: describe_scene(m.attrs.key()) for m in data.memorized},
+                       {"reader_accuracy_by_kind": _rounded(by_kind)})
+    from memscan.demo.data import describe
+
+    reader = AttributeReader.calibrated(decode, n=settings.reader_renders, seed=settings.gen_seed)
+    held_out = decoded_renders(decode, n=settings.reader_holdout, seed=settings.gen_seed + 1)
+    by_size = reader.accuracy_by_size(*held_out)  # measured once: it decides and it is reported
+    wanted = {m.image_id: {k: getattr(m.attrs, k) for k in ATTRIBUTES} for m in data.memorized}
+    accuracy = {k: round(v, 4) for k, v in reader.accuracy(*held_out).items()}
+    return Content(reader, wanted, readable_attributes(by_size, settings.min_reader_accuracy),
+                   {i: describe(a["shape"], a["colour"], a["size"]) for i, a in wanted.items()},
+                   {"reader_accuracy_on_decoded_renders": accuracy, "reader_accuracy_by_size": _rounded(by_size)})
+
+
+def _rounded(table: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {group: {k: round(v, 4) for k, v in values.items()} for group, values in table.items()}
 
 
 def check_mitigation(
@@ -108,37 +154,38 @@ def check_mitigation(
     *,
     embeddings: str | Path | None = None,
     prompts: pd.DataFrame | None = None,
+    design: str = "demo",
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Per memorized prompt: copying and attribute agreement before and after; and the summary."""
-    from memscan.demo.data import build_data, describe
+    """Per memorized prompt: copying and attribute agreement before and after; and the summary.
+    `design`: the world the model was trained on (demo, or valid-v)."""
+    from memscan.demo.train import design_module
     from memscan.demo.verify import copy_cutoffs, copy_table, generate, reference_images, vae_roundtrip
     from memscan.mitigation.embeddings import load_embeddings
     from memscan.models.loading import load_model
 
     settings = settings or CheckSettings()
+    world = design_module(design)
     rows, facts = read_scores(Path(mitigated))
     target = float(facts["target"])
-    data = build_data(settings.data_seed)
+    data = world.build_data(settings.data_seed)
     labels = pd.DataFrame(data.prompts) if prompts is None else prompts
     rows = rows.merge(labels[["prompt", *LABEL_COLUMNS]].drop_duplicates("prompt"), on="prompt", how="left")
     mem = rows[rows["label"] == "memorized"].reset_index(drop=True)
     if mem.empty:
-        raise InputError(f"{mitigated}: no memorized demo prompt among its rows (labels from --prompts or --data-seed)")
+        raise InputError(f"{mitigated}: no memorized {design} prompt among its rows (labels from --prompts or "
+                         "--data-seed)")
     non = rows[rows["label"] == "not_memorized"]
     pipe = load_model(model, with_vae=True).pipeline
-    attrs = {m.image_id: {k: getattr(m.attrs, k) for k in ATTRIBUTES} for m in data.memorized}
-    wanted = [attrs[i] for i in mem["train_image_id"]]
-    cutoffs, train = copy_cutoffs(data, pipe), reference_images(data, pipe)  # the demo's VAE-space measure
-    decode = partial(vae_roundtrip, pipe)
-    reader = AttributeReader.calibrated(decode, n=settings.reader_renders, seed=settings.gen_seed)
-    held_out = decoded_renders(decode, n=settings.reader_holdout, seed=settings.gen_seed + 1)
-    by_size = reader.accuracy_by_size(*held_out)  # measured once: it decides and it is reported
-    checked = readable_attributes(by_size, settings.min_reader_accuracy)
+    # the demo's VAE-space copy measure, with the design's fresh renders
+    cutoffs = copy_cutoffs(data, pipe, fresh_renders=world.fresh_renders)
+    train = reference_images(data, pipe)
+    content = content_for(design, data, partial(vae_roundtrip, pipe), settings)
+    wanted = [content.wanted[i] for i in mem["train_image_id"]]
     gen = {"steps": settings.steps, "guidance": settings.guidance, "batch_size": settings.batch_size}
 
     def measure(images: np.ndarray, rows: pd.DataFrame, asked: list[dict[str, str]]) -> tuple[np.ndarray, ...]:
         copies = copy_table(data, rows[["prompt", *LABEL_COLUMNS]], images, cutoffs, train)["copy_rate"]
-        return (copies.to_numpy(), *agreements(reader, images, asked, checked))
+        return (copies.to_numpy(), *agreements(content.reader, images, asked, content.checked))
 
     def from_text(texts: pd.Series) -> np.ndarray:
         return generate(pipe, texts.tolist(), settings.n_per_prompt, settings.gen_seed, **gen)
@@ -147,8 +194,8 @@ def check_mitigation(
     for variant, column in (("before", "prompt"), ("after", "rewritten")):
         (table[f"copy_{variant}"], table[f"agree_{variant}"],
          table[f"agree_{variant}_all"]) = measure(from_text(mem[column]), mem, wanted)
-    # the yardstick: the best a rewrite can do here is the caption's description alone
-    table["description"] = [describe(a["shape"], a["colour"], a["size"]) for a in wanted]
+    # the yardstick: a clean prompt naming the same content, the caption's description alone
+    table["description"] = [content.descriptions[i] for i in mem["train_image_id"]]
     (table["copy_description"], table["agree_description"],
      table["agree_description_all"]) = measure(from_text(table["description"]), mem, wanted)
     if embeddings is not None:
@@ -164,11 +211,8 @@ def check_mitigation(
             copies, agree, agree_all = measure(images, mem[has].reset_index(drop=True), asked)
             table.loc[has, "embedding_copy"], table.loc[has, "embedding_agree"] = copies, agree
             table.loc[has, "embedding_agree_all"] = agree_all
-    summary = summarize_check(table, non, target)
-    summary["reader_accuracy_on_decoded_renders"] = {k: round(v, 4) for k, v in reader.accuracy(*held_out).items()}
-    summary["reader_accuracy_by_size"] = {size: {k: round(v, 4) for k, v in acc.items()}
-                                          for size, acc in by_size.items()}
-    summary["checked_attributes"] = {size: list(keys) for size, keys in checked.items()}
+    summary = {"design": design, **summarize_check(table, non, target), **content.facts}
+    summary["checked_attributes"] = {group: list(keys) for group, keys in content.checked.items()}
     summary["settings"] = settings.__dict__
     return table, summary
 
@@ -210,6 +254,9 @@ def summarize_check(table: pd.DataFrame, non: pd.DataFrame, target: float) -> di
         out["description_only_no_longer_copying"] = share(ok["copy_description"] <= 0.5)
         out["description_only_attribute_agreement"] = share(ok["agree_description"])
         out["description_only_attribute_agreement_ratio"] = _ratio(ok, "agree_description")
+        # issue 12's content target: the rewrites' images keep what the ORIGINAL prompt names at this
+        # share of the rate the model keeps it for a clean prompt naming the same (the description)
+        out["ok_agreement_vs_clean_prompts"] = _ratio(ok, "agree_after", "agree_description")
     if "embedding_copy" in table:
         emb = attempted[attempted["embedding_score"].notna()]
         out["embedding_under_target_of_flagged"] = share(emb["embedding_score"] < target)
@@ -222,6 +269,8 @@ def summarize_check(table: pd.DataFrame, non: pd.DataFrame, target: float) -> di
         out["embedding_attribute_agreement_before"] = share(emb["agree_before"])
         out["embedding_attribute_agreement_after"] = share(emb["embedding_agree"])
         out["embedding_attribute_agreement_ratio"] = _ratio(emb, "embedding_agree")
+        if "agree_description" in emb:
+            out["embedding_agreement_vs_clean_prompts"] = _ratio(emb, "embedding_agree", "agree_description")
     if "agree_before_all" in table:  # the same ratios over all three attributes, readable or not
         out["attribute_agreement_ratios_all_attributes"] = {
             name: _ratio(rows, f"{column}_all", "agree_before_all")
@@ -244,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m memscan.mitigation.check MITIGATED.parquet --model demo`: print the summary JSON."""
     parser = argparse.ArgumentParser(prog="python -m memscan.mitigation.check", description=__doc__.splitlines()[0])
     parser.add_argument("mitigated", help="a `memscan mitigate` output (Parquet)")
-    parser.add_argument("--model", default="demo", help="the demo model (profile name or folder)")
+    parser.add_argument("--model", default="demo", help="the demo or valid-v model (profile name or folder)")
+    parser.add_argument("--design", default=None, choices=("demo", "valid-v"),
+                        help="the world the model was trained on [default: valid-v for --model valid-v, else demo]")
     parser.add_argument("--embeddings", default=None, help="the --emit-embeddings file, to check it too")
     parser.add_argument("--prompts", default=None, help="labelled prompts.csv [default: rebuilt from --data-seed]")
     parser.add_argument("--n", type=int, default=4, help="generations per prompt and variant")
@@ -255,8 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     prompts = pd.read_csv(args.prompts, keep_default_na=False) if args.prompts else None
     settings = CheckSettings(n_per_prompt=args.n, gen_seed=args.gen_seed, data_seed=args.data_seed)
     try:
+        design = args.design or ("valid-v" if args.model == "valid-v" else "demo")
         table, summary = check_mitigation(args.mitigated, args.model, settings, embeddings=args.embeddings,
-                                          prompts=prompts)
+                                          prompts=prompts, design=design)
     except MemscanError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return error.exit_code
