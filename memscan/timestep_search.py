@@ -113,8 +113,9 @@ def choose_pair(
     confidence: float = 0.9, steps: int = 50,
 ) -> PairChoice:
     """The (t_hi, t_lo) index pair of the searched columns whose fitted score ranks `labels` best:
-    highest TPR at the threshold calibrate would set (`target_fpr`, `confidence`), then AUC, both rounded (to 0.01 and 0.001) so that only a real
-    gain moves off the `default` pair (indices may be negative, as in profiles)."""
+    highest TPR at the threshold calibrate would set (`target_fpr`, `confidence`), then AUC, both
+    rounded (to 0.01 and 0.001) so that only a real gain moves off the `default` pair (indices may
+    be negative, as in profiles)."""
     from sklearn.metrics import roc_auc_score
 
     from memscan.evaluate import combined, fit_weights
