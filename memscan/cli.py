@@ -816,6 +816,7 @@ def mitigate_cmd(
     all_rows: Annotated[bool, typer.Option("--all", help="From a detect output, take every row, not only the flagged ones.")] = False,
     emit_embeddings: Annotated[str | None, typer.Option("--emit-embeddings", help="Also optimise each prompt's embedding; save them here (safetensors, by prompt_id; a path or URL).")] = None,
     embedding_steps: Annotated[int, typer.Option("--embedding-steps", help="Most AdamW steps (lr 0.05) of the embedding optimisation.")] = 50,
+    embedding_depth: Annotated[float, typer.Option("--embedding-depth", help="Aim the embedding this share of its starting gap under the target (0: just under), confirmed under the target on the independent bank.")] = 0.0,
     n_noise: NNoiseOption = None,
     seed: SeedOption = None,
     batch_size: BatchSizeOption = 16,
@@ -853,6 +854,7 @@ def mitigate_cmd(
             target=target, min_similarity=min_similarity, beam_width=beam_width, max_edits=max_edits,
             verify_noise=verify_noise, similarity=similarity, prefer=prefer, substitute_words=substitute_words,
             all_rows=all_rows, emit_embeddings=emit_embeddings, embedding_steps=embedding_steps,
+            embedding_depth=embedding_depth,
         )
         default = _default_output(input_path).name.removesuffix(".scores.parquet") + ".mitigated.parquet"
         output = output or default

@@ -120,6 +120,7 @@ class Guard:
         reseed_seed: int = 0,
         optimize_steps: int = 50,
         optimize_lr: float = 0.05,
+        optimize_depth: float = 0.0,
         verify_noise: int = 4,
         min_similarity: float = 0.8,
         on_unresolved: str = "block",
@@ -133,8 +134,8 @@ class Guard:
             raise UsageError(f"guard: policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if on_unresolved not in ("block", "generate"):
             raise UsageError(f"guard: on_unresolved must be block or generate, got {on_unresolved!r}")
-        if reseed_tries < 1 or optimize_steps < 0 or verify_noise < 0:
-            raise UsageError("guard: reseed_tries must be >= 1, optimize_steps and verify_noise >= 0")
+        if reseed_tries < 1 or optimize_steps < 0 or verify_noise < 0 or optimize_depth < 0:
+            raise UsageError("guard: reseed_tries must be >= 1, optimize_steps, optimize_depth and verify_noise >= 0")
         self.pipe = pipe
         self.policy = policy
         self.model = _scoring_model(pipe, profile_or_model_spec)
@@ -150,7 +151,7 @@ class Guard:
         self.threshold = float(threshold)
         self.target = float(target) if target is not None else self.threshold
         self.reseed_tries, self.reseed_seed = reseed_tries, reseed_seed
-        self.optimize_steps, self.optimize_lr = optimize_steps, optimize_lr
+        self.optimize_steps, self.optimize_lr, self.optimize_depth = optimize_steps, optimize_lr, optimize_depth
         self.verify_noise, self.min_similarity = verify_noise, min_similarity
         self.on_unresolved = on_unresolved
         self._empty: torch.Tensor | None = None
@@ -381,7 +382,7 @@ class Guard:
             verifier = None if bank is None else DifferentiableScore(
                 SimpleNamespace(model=self.model, method=self.method, noise=bank))
             result = optimise_embedding(scoring, prompt, self.target, steps=self.optimize_steps,
-                                        lr=self.optimize_lr, verifier=verifier)
+                                        lr=self.optimize_lr, verifier=verifier, depth=self.optimize_depth)
         d.embedding, d.prompt_used = result.embeds, None
         d.score_after, d.score_verified = result.score, result.verified
         d.steps, d.resolved = result.steps, result.resolved

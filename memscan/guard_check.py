@@ -74,6 +74,12 @@ class GuardCheckSettings:
     reader_holdout: int = 1000
     min_reader_accuracy: float = 0.8
     policies: tuple[str, ...] = POLICY_ORDER
+    target: float | None = None  # what reseed, optimize and rewrite aim under (None: the threshold)
+    optimize_steps: int = 50
+
+    def guard_kwargs(self) -> dict[str, Any]:
+        """The Guard settings these name (the rest are the Guard's defaults)."""
+        return {"optimize_steps": self.optimize_steps, **({} if self.target is None else {"target": self.target})}
 
 
 def _subset(prompts: pd.DataFrame, settings: GuardCheckSettings) -> pd.DataFrame:
@@ -89,8 +95,9 @@ def _subset(prompts: pd.DataFrame, settings: GuardCheckSettings) -> pd.DataFrame
 
 def embedding_cosine(original: torch.Tensor, other: torch.Tensor) -> float:
     """Cosine of two (1, 77, hidden) prompt embeddings, flattened over the token positions after BOS."""
-    a, b = (x.detach().cpu().double()[:, 1:].flatten() for x in (original, other))
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    from memscan.mitigation.embeddings import embedding_cosine as cosine
+
+    return float(cosine(*(x.detach().cpu().double() for x in (original, other))))
 
 
 def prompt_similarities(model: ScoringModel, decisions: Sequence[PromptDecision]) -> list[float | None]:
@@ -195,7 +202,7 @@ def run_guard_check(
     table = prompts[["prompt", "label", "kind", "train_image_id"]].copy()
     runs: dict[str, dict[str, Any]] = {}
     for policy in settings.policies:
-        run = generate_policy(pipe, policy, texts, latents, settings, profile=profile)
+        run = generate_policy(pipe, policy, texts, latents, settings, settings.guard_kwargs(), profile=profile)
         images, decisions = run["images"], run["decisions"]
         generated = decisions["generated"].to_numpy(bool)
         copies = copy_table(data, prompts, np.nan_to_num(images, nan=-10.0), cutoffs, train)["copy_rate"].to_numpy()
@@ -316,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subset-seed", type=int, default=0)
     parser.add_argument("--policies", default=",".join(POLICY_ORDER), help="comma-separated; off first")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--target", type=float, default=None,
+                        help="the score reseed, optimize and rewrite aim under [default: the threshold]")
+    parser.add_argument("--optimize-steps", type=int, default=50, help="most AdamW steps of optimize")
     parser.add_argument("--out", default=None, help="the per-prompt table (CSV)")
     parser.add_argument("--html", default=None, help="the table and trade-off plot as one HTML page")
     parser.add_argument("--json", default=None, help="also write the summary JSON here")
@@ -324,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
     settings = GuardCheckSettings(n_per_prompt=args.n, gen_seed=args.gen_seed, data_seed=args.data_seed,
                                   batch_prompts=args.batch_prompts, memorized=args.memorized, clean=args.clean,
-                                  subset_seed=args.subset_seed, policies=policies)
+                                  subset_seed=args.subset_seed, policies=policies, target=args.target,
+                                  optimize_steps=args.optimize_steps)
     from memscan.report import guard_markdown_table
 
     try:

@@ -145,8 +145,9 @@ def test_optimize_lowers_the_score_under_the_target(pipe, v_pipe, kind):
     scores = [d.score_before for d in _guarded(Guard(p, profile, threshold=1e9)).prompts]
     top = int(np.argmax(scores))
     target = scores[top] - 0.2
+    # the tiny v model's score is mostly alignment: its norm term needs ~250 steps, not the default 50, to fall
     guard = Guard(p, profile, threshold=max(s for i, s in enumerate(scores) if i != top) + 1e-3, target=target,
-                  policy="optimize", verify_noise=2)
+                  policy="optimize", verify_noise=2, optimize_steps=400)
     result = _guarded(guard)
     d = result.prompts[top]
     assert d.flagged and d.action == "optimize" and d.resolved and d.generated

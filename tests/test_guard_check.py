@@ -152,3 +152,10 @@ def test_summary_has_a_similarity_per_policy():
     assert rows["optimize"]["attribute_agreement_ratio"] == 1.0 and rows["block"]["attribute_agreement_ratio"] is None
     assert rows["warn"]["clean_bit_identical"] == 2 and rows["warn"]["clean_unflagged_bit_identical"] == "2/2"
     assert rows["optimize"]["guard_seconds_per_image"] == 0.125
+
+
+def test_check_settings_pass_the_mitigation_target_and_budget_to_the_guard():
+    from memscan.guard_check import GuardCheckSettings
+
+    assert GuardCheckSettings().guard_kwargs() == {"optimize_steps": 50}
+    assert GuardCheckSettings(target=0.23, optimize_steps=80).guard_kwargs() == {"optimize_steps": 80, "target": 0.23}

@@ -116,3 +116,13 @@ def test_embedding_cosine_leaves_bos_out() -> None:
     assert float(embedding_cosine(a, b)) == pytest.approx(1.0)
     b[:, 1:] = -a[:, 1:]
     assert float(embedding_cosine(a, b)) == pytest.approx(-1.0)
+
+
+def test_depth_aims_further_under_the_target(scoring: DifferentiableScore) -> None:
+    before = float(scoring.scorer.score_texts([PROMPT]).columns["score"][0])
+    target = before - 0.3
+    shallow = optimise_embedding(scoring, PROMPT, target, steps=100, lr=0.01, require_norm=False)
+    deep = optimise_embedding(scoring, PROMPT, target, steps=100, lr=0.01, require_norm=False, depth=1.0)
+    assert shallow.resolved and deep.resolved and shallow.score < target
+    assert deep.score < target - 1.0 * (before - target) < shallow.score  # aimed at before - 0.6
+    assert deep.steps > shallow.steps

@@ -215,7 +215,7 @@ def emit_embeddings(
     for i in np.flatnonzero(rows["status"].isin([STATUS_OK, STATUS_UNRESOLVED]).to_numpy()):
         result = optimise_embedding(
             scoring, str(rows.at[i, "prompt"]), target, steps=settings.embedding_steps, lr=settings.embedding_lr,
-            verifier=checking,
+            verifier=checking, depth=settings.embedding_depth,
         )
         embeds[str(rows.at[i, "prompt_id"])] = result.embeds
         rows.at[i, "embedding_score"] = result.score

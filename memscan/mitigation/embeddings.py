@@ -27,7 +27,7 @@ from memscan.mitigation.differentiable import DifferentiableScore
 from memscan.models.text import encode_prompts
 
 METADATA_KEY = "memscan"
-HINGE_MARGIN = 0.1  # the hinges aim this share of the starting gap under their limits
+NORM_HINGE_WEIGHT = 1.0  # the norm hinge beside the score (4 measured worse on the demo: 67% vs 81% stop copying)
 NORM_FLOOR = 0.5  # the norm term's limit is never below this share of its starting value (see optimise_embedding)
 
 
@@ -48,25 +48,27 @@ class OptimisedEmbedding:
 def embedding_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine of two (1, 77, hidden) prompt embeddings flattened over the positions after BOS (the
     optimiser never moves BOS, and SD's BOS state is large enough to keep any cosine near 1)."""
-    return torch.nn.functional.cosine_similarity(a[:, 1:].flatten(1).float(), b[:, 1:].flatten(1).float(), dim=1).sum()
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)  # float32 or float64
+    return torch.nn.functional.cosine_similarity(a[:, 1:].flatten(1).to(dtype), b[:, 1:].flatten(1).to(dtype),
+                                                 dim=1).sum()
 
 
 def optimise_embedding(
     scoring: DifferentiableScore, prompt: str, target: float, *, steps: int = 10, lr: float = 0.05,
     verifier: DifferentiableScore | None = None, require_norm: bool = True, similarity_weight: float = 1.0,
+    depth: float = 0.0,
 ) -> OptimisedEmbedding:
     """Lower `prompt`'s score below `target` by AdamW on its embedding (BOS frozen), <= `steps` steps.
 
-    A calibrated score can fall by one term alone: on the demo (w_align 2) the alignment is the easy
-    direction, and embeddings under the target still copied. With `require_norm` the norm term must
-    fall too: `w_norm * norm` must reach the value that would put the ORIGINAL prompt under the
-    target by itself, `target - w_align * alignment_0` (at least NORM_FLOOR of its own value, for
-    prompts whose alignment alone is above the target); the loss is then two hinges, the score's
-    and the norm term's, each aiming a little under its limit, so that once the score is under the
-    target only the norm term pulls. An
-    embedding counts only when the score and the norm term are under their limits on the scoring
-    noise AND on the `verifier`'s independent bank. `similarity_weight` adds
-    `similarity_weight * (score_0 - target) * (1 - cos(e, e_0))`: a pull back to the original
+    `depth` aims further: under `target - depth * (score_0 - target)` on the scoring noise (a score
+    just under the threshold still looks like the most memorized clean prompt). A calibrated score
+    can fall by one term alone: on the demo (w_align 2) the alignment is the easy direction. With
+    `require_norm` the norm term must fall too: `w_norm * norm` must reach the value that would put
+    the ORIGINAL prompt under the aim by itself, `aim - w_align * alignment_0` (at least NORM_FLOOR
+    of its own value, for prompts whose alignment alone is above it), and a hinge on it joins the
+    loss. An embedding counts only when the score and the norm term are under their limits on the
+    scoring noise, and under the target's on the `verifier`'s independent bank. `similarity_weight`
+    adds `similarity_weight * (score_0 - target) * (1 - cos(e, e_0))`: a pull back to the original
     embedding in the score's own units, so the content moves no further than needed."""
     model = scoring.model
     method = scoring.method
@@ -74,15 +76,16 @@ def optimise_embedding(
     with torch.no_grad():
         start = encode_prompts(model, [prompt]).float()
         first = scoring.of_prompt_embeds(start.to(model.dtype))
-    limit = None
-    if require_norm and {"norm", "alignment"} <= first.keys() and w_norm > 0:
-        norm_0 = w_norm * float(first["norm"].sum())
-        limit = target - w_align * float(first["alignment"].sum())
-        if limit <= NORM_FLOOR * norm_0:  # the alignment alone is (nearly) above the target: halve the norm
-            limit = NORM_FLOOR * norm_0
     gap = max(float(first["score"].sum()) - target, 0.0)
+    aim = target - depth * gap
+    bounded = require_norm and {"norm", "alignment"} <= first.keys() and w_norm > 0
+    norm_0, align_0 = (w_norm * float(first["norm"].sum()), float(first["alignment"].sum())) if bounded else (0, 0)
+
+    def norm_limit(score_limit: float) -> float | None:
+        return max(score_limit - w_align * align_0, NORM_FLOOR * norm_0) if bounded else None
+
+    limit, verify_limit = norm_limit(aim), norm_limit(target)
     pull = similarity_weight * gap
-    margin = HINGE_MARGIN * gap
     bos = start[:, :1]
     rest = start[:, 1:].clone().requires_grad_(True)
     optimiser = torch.optim.AdamW([rest], lr=lr)
@@ -94,18 +97,18 @@ def optimise_embedding(
         value = float(score.detach())
         norm_term = float(w_norm * terms["norm"].sum().detach()) if limit is not None else None
         verified = None  # the verifier's score of these very embeds, asked only when all else is under
-        passed = value < target and (norm_term is None or norm_term < limit)
+        passed = value < aim and (norm_term is None or norm_term < limit)
         if passed and verifier is not None:
             with torch.no_grad():
                 checked = verifier.of_prompt_embeds(embeds.detach())
             verified = float(checked["score"].sum())
-            passed = verified < target and (limit is None or "norm" not in checked
-                                            or float(w_norm * checked["norm"].sum()) < limit)
+            passed = verified < target and (verify_limit is None or "norm" not in checked
+                                            or float(w_norm * checked["norm"].sum()) < verify_limit)
         if passed or step == steps:
             break
         loss = score
-        if limit is not None:  # both as hinges: once the score is under, only the norm term pulls
-            loss = torch.relu(score - (target - margin)) + torch.relu(w_norm * terms["norm"].sum() - (limit - margin))
+        if limit is not None:
+            loss = loss + NORM_HINGE_WEIGHT * torch.relu(w_norm * terms["norm"].sum() - limit)
         if pull:
             loss = loss + pull * (1.0 - embedding_cosine(torch.cat([bos, rest], dim=1), start))
         optimiser.zero_grad(set_to_none=True)

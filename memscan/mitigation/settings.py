@@ -40,6 +40,7 @@ class MitigateSettings:
     emit_embeddings: Path | None = None
     embedding_steps: int = 50
     embedding_lr: float = 0.05
+    embedding_depth: float = 0.0  # aim this share of the starting gap under the target (optimise_embedding)
 
     def __post_init__(self) -> None:
         if self.similarity is not None:
@@ -53,6 +54,8 @@ class MitigateSettings:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.n_substitutes < 0 or self.embedding_steps < 0 or self.verify_noise < 0:
             raise UsageError("--substitutes, --embedding-steps and --verify-noise must be >= 0")
+        if self.embedding_depth < 0:
+            raise UsageError(f"--embedding-depth must be >= 0, got {self.embedding_depth}")
         if self.embedding_lr <= 0:
             raise UsageError(f"--embedding-lr must be > 0, got {self.embedding_lr}")
         if not self.substitute_words.strip():
