@@ -127,6 +127,7 @@ def test_static_rank_from_launcher_environment() -> None:
         static_rank({"RANK": "2", "WORLD_SIZE": "2"})
 
 
+@pytest.mark.slow  # 7.5 s of CPU: keeps the default suite under 5 minutes (the Ray and process-pool tests stay)
 def test_two_ranks_write_the_same_run_as_one_process(
     tiny_model_dir: Path, prompts: Path, reference: pd.DataFrame, tmp_path: Path
 ) -> None:
