@@ -296,7 +296,7 @@ LabelColumnOption = Annotated[str, typer.Option("--label-column", help="Name of 
 LogIntervalOption = Annotated[float, typer.Option("--log-interval", help="Seconds between progress lines when not on a terminal.")]
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Profile name, local diffusers folder, .safetensors file, or hub id.")]
 NNoiseOption = Annotated[int | None, typer.Option("--n-noise", help="Initial noises per prompt (n) (default: the profile's calibration n_noise, else 1).")]
-NormScaleOption = Annotated[str | None, typer.Option("--norm-scale", help="Norm term: none, or reference-v (x sqrt(abar)/(1-abar) at t_hi, the reference code's SD 2 / Realistic Vision branch) (default: the profile's).")]
+NormScaleOption = Annotated[str | None, typer.Option("--norm-scale", help="Norm term: none, or reference-v (x sqrt(abar)/(1-abar) at t_hi, the reference code's SD 2 / Realistic Vision branch; sharpness: that score instead of -pred/sigma) (default: the profile's).")]
 PromptColumnOption = Annotated[str | None, typer.Option("--prompt-column", help="Prompt column (default: prompt, caption or text).")]
 SeedOption = Annotated[int | None, typer.Option(help="Seed of the shared noise bank (default: the profile's calibration seed, else 51).")]
 ShardSizeOption = Annotated[int, typer.Option("--shard-size", help="Rows per shard (run directories).")]

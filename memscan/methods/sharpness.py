@@ -1,11 +1,19 @@
 """Sharpness (Jeon, Kim & No, ICML 2025, arXiv 2412.04140): at the first step, on x_T,
 
-    score = || H_c Δs - H_u Δs ||_2,   Δs = s(x_T, t, c) - s(x_T, t, ∅),   s = -pred / sigma_t,
+    score = || H_c Δs - H_u Δs ||_2,   Δs = s(x_T, t, c) - s(x_T, t, ∅),   H = ∂s/∂x,
 
-where H = ∂s/∂x is the Hessian of the log-density, applied to Δs by forward-mode autodiff
-(`torch.func.jvp`). With s = -ε/σ this is || (J_c - J_u) Δε ||_2 / σ_t², J = ∂ε/∂x: the same
-number the reference code computes. v-prediction models follow `v_convention` like `anisotropy`
-(the x term of the v->ε conversion cancels in J_c - J_u, so only a constant factor differs).
+H applied to Δs by forward-mode autodiff (`torch.func.jvp`). The score s is ±k * pred (+ a term in
+x_T alone, which cancels in Δs and in H_c - H_u), so score = k² || (J_c - J_u) Δpred ||_2 with
+J = ∂pred/∂x, pred the UNet output as `v_convention` gives it, and k set by `norm_scale`:
+
+- "none" (memscan's convention): s = -pred / sigma_t, k = 1 / sigma_t. On epsilon this is the
+  reference code's SD 1 branch (its `sd_ver == 1`); on v converted to epsilon, the true score.
+- "reference-v": the reference code's SD 2 branch (`sd_ver != 1`, `local_model/pipe.py`), which
+  takes s = (sqrt(abar_t) * out - x_t) / (1 - abar_t) on the raw output, k = sqrt(abar_t) / (1 - abar_t)
+  (`norm_scale_factor`), i.e. 1 / sigma_t² times memscan's number on v converted to epsilon.
+
+At a fixed t every convention is a constant multiple of every other (the x term of the v->ε
+conversion cancels in J_c - J_u), so they rank prompts alike.
 
 Cost per prompt: n conditional forward passes (the unconditional one is shared) plus one JVP
 through the UNet for 2n samples (conditional and unconditional), each about two forward
@@ -27,17 +35,18 @@ import torch
 from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from memscan.methods.anisotropy import timestep_pair, unet_prediction
+from memscan.methods.anisotropy import norm_scale_factor, timestep_pair, unet_prediction
 from memscan.models.loading import ScoringModel
-from memscan.models.profiles import ModelProfile, VConvention
+from memscan.models.profiles import ModelProfile, NormScale, VConvention
 
 
 @dataclass(frozen=True)
 class SharpnessState:
-    """The first timestep, sigma_t there, the empty-prompt embedding and the shared uncond pass."""
+    """The first timestep, sigma_t and k² there, the empty-prompt embedding and the shared uncond pass."""
 
     t: int
     sigma: float
+    factor: float  # k² of the module docstring: 1 / sigma_t², or the reference v-branch's abar_t / (1 - abar_t)²
     empty: torch.Tensor
     uncond: torch.Tensor  # (n, C, H, W) float32
 
@@ -56,16 +65,17 @@ class SharpnessMethod:
     num_inference_steps: int = 50
     t_index: int = 0
     v_convention: VConvention = "epsilon"
+    norm_scale: NormScale = "none"
 
     name = "sharpness"
-    version = "1"
+    version = "2"
     columns = ("score",)
 
     @classmethod
     def from_profile(cls, profile: ModelProfile) -> SharpnessMethod:
         return cls(
             num_inference_steps=profile.num_inference_steps, t_index=profile.t_hi_index,
-            v_convention=profile.v_convention,
+            v_convention=profile.v_convention, norm_scale=profile.norm_scale,
         )
 
     def unet_evals_per_prompt(self, n_noise: int) -> int:
@@ -77,17 +87,18 @@ class SharpnessMethod:
     def run_facts(self) -> dict[str, Any]:
         return {
             "method": self.name, "method_version": self.version, "num_inference_steps": self.num_inference_steps,
-            "t_index": self.t_index, "v_convention": self.v_convention,
+            "t_index": self.t_index, "v_convention": self.v_convention, "norm_scale": self.norm_scale,
         }
 
     def prepare(self, model: ScoringModel, noise: torch.Tensor) -> SharpnessState:
         from memscan.models.text import encode_prompts
 
         t, _ = timestep_pair(model, self.num_inference_steps, self.t_index, self.t_index)
-        sigma = float(1.0 - model.scheduler.alphas_cumprod[t]) ** 0.5
+        sigma = float(1.0 - model.scheduler.alphas_cumprod[t].double()) ** 0.5
+        k = 1.0 / sigma if self.norm_scale == "none" else norm_scale_factor(model, t, self.norm_scale)
         empty = encode_prompts(model, [""])
         uncond = self._predict(model, noise, t, empty.expand(noise.shape[0], -1, -1))
-        return SharpnessState(t=t, sigma=sigma, empty=empty, uncond=uncond)
+        return SharpnessState(t=t, sigma=sigma, factor=k**2, empty=empty, uncond=uncond)
 
     def score(
         self, model: ScoringModel, state: SharpnessState, noise: torch.Tensor, prompt_embeds: torch.Tensor
@@ -105,7 +116,7 @@ class SharpnessMethod:
                 return self._predict(model, torch.cat([x, x]), state.t, embeds)
 
             _, tangent = jvp(both, (latents,), (direction,))
-            hvp = (tangent[rows:] - tangent[:rows]).flatten(1).norm(dim=1) / state.sigma**2
+            hvp = state.factor * (tangent[rows:] - tangent[:rows]).flatten(1).norm(dim=1)
             return {"score": hvp.view(batch, n).mean(dim=1).detach()}
 
     def _predict(self, model: ScoringModel, x: torch.Tensor, t: int, embeds: torch.Tensor) -> torch.Tensor:
