@@ -119,7 +119,7 @@ def test_run_directory_gives_the_single_file_rows(
     assert json.loads(pq.read_schema(tmp_path / "merged.parquet").metadata[b"memscan"])["target"] == target
 
 
-@pytest.mark.slow  # 5-9 s of CPU; detect's run-directory tests cover the same machinery in the default suite; `make test-all`
+@pytest.mark.slow  # 5-9 s of CPU; detect's run-directory tests cover the same machinery by default
 def test_failed_shard_resumes_alone_then_reruns_do_nothing(
     tiny_model_dir: Path, prompts: Path, target: float, single: tuple[pd.DataFrame, dict], tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -153,7 +153,7 @@ def test_failed_shard_resumes_alone_then_reruns_do_nothing(
     _same_rows(_read(tmp_path / "resumed.parquet"), single[0])
 
 
-@pytest.mark.slow  # 5-9 s of CPU; detect's run-directory tests cover the same machinery in the default suite; `make test-all`
+@pytest.mark.slow  # 5-9 s of CPU; detect's run-directory tests cover the same machinery by default
 def test_resume_with_other_settings_is_refused_in_one_line(
     tiny_model_dir: Path, prompts: Path, target: float, tmp_path: Path
 ) -> None:
@@ -205,7 +205,7 @@ def test_target_is_resolved_once_from_the_profile(
         MitigateJob(settings)
 
 
-@pytest.mark.slow  # 5-9 s of CPU; detect's run-directory tests cover the same machinery in the default suite; `make test-all`
+@pytest.mark.slow  # 5-9 s of CPU; detect's run-directory tests cover the same machinery by default
 def test_new_flags_reach_the_settings_and_the_scores(
     tiny_model_dir: Path, prompts: Path, target: float, tmp_path: Path
 ) -> None:
@@ -270,7 +270,7 @@ def test_detect_run_shards_as_input_take_only_flagged_rows(
         run_mitigate(bare / "shards", tmp_path / "run2", settings)
 
 
-@pytest.mark.slow  # 5-9 s of CPU; detect's run-directory tests cover the same machinery in the default suite; `make test-all`
+@pytest.mark.slow  # 5-9 s of CPU; detect's run-directory tests cover the same machinery by default
 def test_status_merge_and_refusals(tiny_model_dir: Path, prompts: Path, target: float, tmp_path: Path) -> None:
     out = tmp_path / "run"
     base = ["mitigate", str(prompts), "--model", str(tiny_model_dir), "--device", "cpu", "--target", repr(target),
