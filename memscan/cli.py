@@ -651,7 +651,7 @@ def calibrate_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the holdout split.")] = 0,
     group_column: Annotated[str | None, typer.Option("--group-column", help="Column (of the labels file, else SCORES) naming each prompt's caption family: the guarantee counts families, the holdout keeps them whole.")] = None,
     groups: Annotated[str | None, typer.Option("--groups", help="auto: caption families found from the prompt text (word-set Jaccard >= 0.7, or the same caption without digits and punctuation), used as --group-column.")] = None,
-    search_timesteps: Annotated[bool, typer.Option("--search-timesteps", help="Also choose the DDIM steps the norm and the alignment are read at (loads the model, rescores the prompts at 11 steps; keeps the profile's pair unless another is better on the calibration side).")] = False,
+    search_timesteps: Annotated[bool, typer.Option("--search-timesteps", help="Also choose the DDIM steps the norm and the alignment are read at (loads the model, rescores the prompts at 11 steps of the schedule; keeps the profile's pair unless another is better on the calibration side).")] = False,
     device: DeviceOption = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print the calibration as JSON on stdout.")] = False,
     if_exists: IfExistsFileOption = "fail",

@@ -872,7 +872,7 @@ def with_term_columns(frame: pd.DataFrame, facts: dict[str, Any], base: ModelPro
     """`frame` plus the per-step term columns of its prompts, on the model, noise bank and
     conventions the scores were made with (memscan.timestep_search.term_columns)."""
     from memscan.models.loading import load_model
-    from memscan.timestep_search import term_columns
+    from memscan.timestep_search import grid_for, term_columns
 
     if facts.get("method", "anisotropy") != "anisotropy":
         raise UsageError(f"--search-timesteps needs anisotropy scores, not {facts.get('method')}")
@@ -880,10 +880,12 @@ def with_term_columns(frame: pd.DataFrame, facts: dict[str, Any], base: ModelPro
         raise InputError("--search-timesteps rescores the prompts, and the scores lack their text "
                          "(--no-store-prompt?); pass --labels with the prompts")
     model = load_model(base, device=device, dtype=str(facts.get("dtype") or "auto"))
+    steps = int(facts.get("num_inference_steps") or base.num_inference_steps)
+    own = {int(facts.get(k, getattr(base, k))) % steps for k in ("t_hi_index", "t_lo_index")}  # always a candidate
     terms = term_columns(
         model, frame["prompt"].astype(str).tolist(), n_noise=int(facts.get("n_noise") or 1),
-        seed=int(facts.get("seed") if facts.get("seed") is not None else 51),
-        steps=int(facts.get("num_inference_steps") or base.num_inference_steps),
+        seed=int(facts.get("seed") if facts.get("seed") is not None else 51), steps=steps,
+        indices=sorted(set(grid_for(steps)) | own),
         v_convention=facts.get("v_convention") or base.v_convention,
         norm_scale=facts.get("norm_scale") or base.norm_scale,
     )

@@ -32,11 +32,18 @@ if TYPE_CHECKING:
 # Step indices of the 50-step schedule the search reads (0 = the first step, t_hi of the paper;
 # 47 = index -3, its t_lo): every fifth step, and the paper's two.
 DEFAULT_GRID = (0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 47)
+
+
+def grid_for(steps: int) -> tuple[int, ...]:
+    """DEFAULT_GRID for a schedule of `steps` DDIM steps: every tenth of it, and indices 0 and -3."""
+    if steps == 50:
+        return DEFAULT_GRID
+    return tuple(sorted({min(round(k * steps / 10), steps - 1) for k in range(10)} | {0, max(steps - 3, 0)}))
 NORM_PREFIX, ALIGN_PREFIX = "norm_t", "alignment_t"
 
 
 def term_columns(
-    model: ScoringModel, prompts: Sequence[str], *, indices: Sequence[int] = DEFAULT_GRID, n_noise: int = 1,
+    model: ScoringModel, prompts: Sequence[str], *, indices: Sequence[int] | None = None, n_noise: int = 1,
     seed: int = 51, steps: int = 50, v_convention: VConvention = "epsilon", norm_scale: NormScale = "none",
     batch_size: int = 16,
 ) -> pd.DataFrame:
@@ -49,6 +56,7 @@ def term_columns(
     from memscan.models.noise import noise_bank
     from memscan.models.text import encode_prompts
 
+    indices = grid_for(steps) if indices is None else indices
     model.scheduler.set_timesteps(steps)
     timesteps = [int(model.scheduler.timesteps[i]) for i in indices]
     noise = noise_bank(n_noise, model.latent_shape, seed, device=model.device, dtype=model.dtype)

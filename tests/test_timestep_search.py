@@ -14,7 +14,7 @@ from memscan.evaluate import calibrate
 from memscan.methods.anisotropy import AnisotropyMethod
 from memscan.models.loading import ScoringModel
 from memscan.scorer import Scorer
-from memscan.timestep_search import choose_pair, searched_indices, term_columns, tpr_at
+from memscan.timestep_search import DEFAULT_GRID, choose_pair, grid_for, searched_indices, term_columns, tpr_at
 
 PROMPTS = ["a red fox in snow", "a red fox in snow", "the quiet harbour of lindale", "x" * 400, "ein Fuchs 🦊 [x]"]
 
@@ -116,3 +116,10 @@ def test_calibrate_command_writes_the_searched_steps(tiny_model_dir: Path, tmp_p
     no_fit = runner.invoke(app, ["calibrate", str(scores), "--labels", str(prompts), "-o", str(tmp_path / "q.toml"),
                                  "--search-timesteps", "--no-fit"])
     assert no_fit.exit_code == 2 and len(no_fit.stderr.strip().splitlines()) == 1
+
+
+def test_the_grid_follows_the_schedule_and_holds_the_papers_pair(tiny_model: ScoringModel) -> None:
+    assert grid_for(50) == DEFAULT_GRID and {0, 47} <= set(DEFAULT_GRID)
+    assert grid_for(20) == (0, 2, 4, 6, 8, 10, 12, 14, 16, 17, 18) and grid_for(4) == (0, 1, 2, 3)
+    table = term_columns(tiny_model, PROMPTS[:2], steps=20)
+    assert searched_indices(table) == list(grid_for(20))
