@@ -262,8 +262,11 @@ def tradeoff_png(checks: Mapping[str, dict[str, Any]]) -> str:
             y = 0.0 if ratio is None else ratio
             ax.scatter(x, y, s=40, color=colours[policy], marker=markers[k % len(markers)])
             labels.setdefault((x, y), []).append(_label(str(policy), str(name), len(checks) > 1))
-    for point, names in labels.items():
-        ax.annotate(", ".join(names), point, textcoords="offset points", xytext=(5, 4), fontsize=8)
+    placed: list[tuple[float, float]] = []
+    for point, names in labels.items():  # a label near an earlier one steps down a line, not over it
+        near = sum(abs(point[0] - x) < 0.15 and abs(point[1] - y) < 0.08 for x, y in placed)
+        ax.annotate(", ".join(names), point, textcoords="offset points", xytext=(5, 4 - 11 * near), fontsize=8)
+        placed.append(point)
     ax.axhline(0.7, color="grey", linestyle="--", linewidth=0.8, label="target: 70% of unguarded agreement")
     ax.set_xlabel("copy rate of memorized prompts' generations")
     ax.set_ylabel("attribute agreement / unguarded")
