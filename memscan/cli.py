@@ -667,7 +667,7 @@ def calibrate_cmd(
         profile, result = calibrate_scores(
             scores, output, labels_path=labels, model=model, target_fpr=target_fpr, confidence=confidence, fit=fit, holdout=holdout,
             seed=seed, label_column=label_column, if_exists=if_exists, group_column=group_column, auto_groups=groups == "auto",
-            search_timesteps=search_timesteps, device=device,
+            search_timesteps=search_timesteps, device=device, log=_say,
         )
         if json_out:
             typer.echo(json.dumps({"profile": str(output), **result.to_dict()}, indent=2))

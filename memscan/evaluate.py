@@ -38,7 +38,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -832,6 +832,7 @@ def calibrate_scores(
     target_fpr: float = 0.01, confidence: float = 0.9, fit: bool = True, holdout: float = 0.0, seed: int = 0,
     label_column: str = LABEL_COLUMN, if_exists: str = "fail", group_column: str | None = None,
     auto_groups: bool = False, search_timesteps: bool = False, device: str = "auto",
+    log: Callable[[str], None] | None = None,
 ) -> tuple[ModelProfile, Calibration]:
     """`memscan calibrate`: fit on a labelled scores file and write the calibrated profile (never over
     an input; over an existing file only with `if_exists="overwrite"`). `group_column` (of the labels
@@ -841,6 +842,8 @@ def calibrate_scores(
 
     if group_column is not None and auto_groups:
         raise UsageError("give --group-column or --groups auto, not both")
+    if search_timesteps and not fit:
+        raise UsageError("--search-timesteps fits the weights of the chosen steps; drop --no-fit")
     check_output(output, inputs=[p for p in (scores_path, labels_path) if p is not None], if_exists=if_exists,
                  what="profile")
     frame, facts = load_labelled(scores_path, labels_path, label_column=label_column,
@@ -856,7 +859,7 @@ def calibrate_scores(
     fit = fit and facts.get("method", "anisotropy") == "anisotropy"
     base = base_profile(facts, model)
     if search_timesteps:
-        frame = with_term_columns(frame, facts, base, device=device)
+        frame = with_term_columns(frame, facts, base, device=device, log=log)
     result = calibrate(
         frame, target_fpr=target_fpr, confidence=confidence, fit=fit, weights=weights, holdout=holdout, seed=seed,
         group_column=group_column, auto_groups=auto_groups,
@@ -867,10 +870,13 @@ def calibrate_scores(
     return profile, result
 
 
-def with_term_columns(frame: pd.DataFrame, facts: dict[str, Any], base: ModelProfile, *, device: str = "auto"
-                      ) -> pd.DataFrame:
+def with_term_columns(frame: pd.DataFrame, facts: dict[str, Any], base: ModelProfile, *, device: str = "auto",
+                      log: Callable[[str], None] | None = None) -> pd.DataFrame:
     """`frame` plus the per-step term columns of its prompts, on the model, noise bank and
-    conventions the scores were made with (memscan.timestep_search.term_columns)."""
+    conventions the scores were made with (memscan.timestep_search.term_columns); `log` hears
+    what the rescoring costs before it starts, and how long it took."""
+    import time
+
     from memscan.models.loading import load_model
     from memscan.timestep_search import grid_for, term_columns
 
@@ -882,13 +888,20 @@ def with_term_columns(frame: pd.DataFrame, facts: dict[str, Any], base: ModelPro
     model = load_model(base, device=device, dtype=str(facts.get("dtype") or "auto"))
     steps = int(facts.get("num_inference_steps") or base.num_inference_steps)
     own = {int(facts.get(k, getattr(base, k))) % steps for k in ("t_hi_index", "t_lo_index")}  # always a candidate
+    indices = sorted(set(grid_for(steps)) | own)
+    n_noise, started = int(facts.get("n_noise") or 1), time.perf_counter()
+    prompts = frame["prompt"].astype(str).nunique()
+    if log is not None:
+        log(f"searching steps: {prompts} prompts x {len(indices)} steps x {n_noise} noise = "
+            f"{prompts * len(indices) * n_noise} UNet evaluations on {model.device}")
     terms = term_columns(
-        model, frame["prompt"].astype(str).tolist(), n_noise=int(facts.get("n_noise") or 1),
-        seed=int(facts.get("seed") if facts.get("seed") is not None else 51), steps=steps,
-        indices=sorted(set(grid_for(steps)) | own),
+        model, frame["prompt"].astype(str).tolist(), n_noise=n_noise,
+        seed=int(facts.get("seed") if facts.get("seed") is not None else 51), steps=steps, indices=indices,
         v_convention=facts.get("v_convention") or base.v_convention,
         norm_scale=facts.get("norm_scale") or base.norm_scale,
     )
+    if log is not None:
+        log(f"searched steps in {time.perf_counter() - started:.1f} s")
     return pd.concat([frame.reset_index(drop=True), terms], axis=1)
 
 

@@ -105,6 +105,7 @@ def test_calibrate_command_writes_the_searched_steps(tiny_model_dir: Path, tmp_p
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["timestep_search"]["candidates"] == 121 and "steps t_hi" in result.stderr
+    assert "searching steps: 52 prompts x 11 steps x 1 noise = 572 UNet evaluations" in result.stderr
     loaded = load_profile_file(profile)
     assert loaded.t_hi_index % 50 == out["t_hi_index"] and loaded.t_lo_index % 50 == out["t_lo_index"]
     assert loaded.calibration["search_t_hi_index"] == out["t_hi_index"]
