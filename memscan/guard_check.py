@@ -48,6 +48,7 @@ import pandas as pd
 import torch
 
 from memscan.errors import MemscanError, one_line
+from memscan.mitigation.check import GenerationCheck
 
 if TYPE_CHECKING:
     from memscan.guard import PromptDecision
@@ -58,21 +59,14 @@ POLICY_ORDER = ("off", "warn", "reseed", "optimize", "rewrite", "block")
 
 
 @dataclass(frozen=True)
-class GuardCheckSettings:
-    """What is generated and how: images per prompt, seeds, batch, DDIM steps, guidance, subset."""
+class GuardCheckSettings(GenerationCheck):
+    """The shared generation settings, plus prompts per guarded call, the subset, the policies and
+    the Guard's own settings."""
 
-    n_per_prompt: int = 4
-    gen_seed: int = 0
-    data_seed: int = 0
     batch_prompts: int = 16
-    steps: int = 50
-    guidance: float = 7.5
     memorized: int | None = None  # a seeded subset of this many memorized prompts (None: all)
     clean: int | None = None  # ... and of clean prompts
     subset_seed: int = 0
-    reader_renders: int = 4000
-    reader_holdout: int = 1000
-    min_reader_accuracy: float = 0.8
     policies: tuple[str, ...] = POLICY_ORDER
     target: float | None = None  # what reseed, optimize and rewrite aim under (None: the threshold)
     optimize_steps: int = 50

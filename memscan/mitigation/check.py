@@ -55,18 +55,25 @@ LABEL_COLUMNS = ("label", "kind", "train_image_id")
 
 
 @dataclass(frozen=True)
-class CheckSettings:
-    """How many images per prompt, and the seeds that make the check repeatable."""
+class GenerationCheck:
+    """What every check by generation shares (this one and memscan.guard_check): images per
+    prompt, the seeds that make it repeatable, DDIM steps, guidance, the reader's calibration."""
 
     n_per_prompt: int = 4
     gen_seed: int = 0
     data_seed: int = 0
-    batch_size: int = 64
     steps: int = 50
     guidance: float = 7.5
     reader_renders: int = 4000
     reader_holdout: int = 1000  # fresh round trips that measure the reader, attribute by size
     min_reader_accuracy: float = 0.8  # an attribute is checked where the reader is at least this right
+
+
+@dataclass(frozen=True)
+class CheckSettings(GenerationCheck):
+    """The mitigation check's settings: the shared ones, and images per pipeline call."""
+
+    batch_size: int = 64
 
 
 @torch.no_grad()
