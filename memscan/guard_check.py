@@ -168,8 +168,7 @@ def run_guard_check(
     """Per prompt and policy: copy rate, attribute agreement, similarity, bit-identity; and the summary."""
     from memscan.demo.data import build_data, load_prompts
     from memscan.demo.verify import copy_cutoffs, copy_table, load_pipeline, reference_images, vae_roundtrip
-    from memscan.mitigation.attributes import ATTRIBUTES, AttributeReader, decoded_renders, readable_attributes
-    from memscan.mitigation.check import agreements
+    from memscan.mitigation.check import agreements, content_for
     from memscan.models.loading import resolve_profile
 
     settings = settings or GuardCheckSettings()
@@ -185,13 +184,9 @@ def run_guard_check(
     latents = torch.randn((len(texts) * n, pipe.unet.config.in_channels, side, side),
                           generator=torch.Generator("cpu").manual_seed(settings.gen_seed))
     cutoffs, train = copy_cutoffs(data, pipe), reference_images(data, pipe)
-    decode = partial(vae_roundtrip, pipe)
-    reader = AttributeReader.calibrated(decode, n=settings.reader_renders, seed=settings.gen_seed)
-    held_out = decoded_renders(decode, n=settings.reader_holdout, seed=settings.gen_seed + 1)
-    checked = readable_attributes(reader.accuracy_by_size(*held_out), settings.min_reader_accuracy)
-    attrs = {m.image_id: {k: getattr(m.attrs, k) for k in ATTRIBUTES} for m in data.memorized}
-    mem_rows = prompts[mem].reset_index(drop=True)
-    wanted = [attrs[i] for i in mem_rows["train_image_id"]]
+    content = content_for("demo", data, partial(vae_roundtrip, pipe), settings)  # as the mitigation check reads
+    reader, checked = content.reader, content.checked
+    wanted = [content.wanted[i] for i in prompts.loc[mem, "train_image_id"]]
     say(f"guard check: {int(mem.sum())} memorized + {int((~mem).sum())} clean prompts x {n} images, "
         f"policies {', '.join(settings.policies)}")
 
