@@ -858,23 +858,30 @@ def calibrate_scores(
         weights = (float(facts["w_norm"]), float(facts["w_align"]))
     fit = fit and facts.get("method", "anisotropy") == "anisotropy"
     base = base_profile(facts, model)
+    pair = scored_pair(facts, base)
     if search_timesteps:
-        frame = with_term_columns(frame, facts, base, device=device, log=log)
+        frame = with_term_columns(frame, facts, base, pair, device=device, log=log)
     result = calibrate(
         frame, target_fpr=target_fpr, confidence=confidence, fit=fit, weights=weights, holdout=holdout, seed=seed,
         group_column=group_column, auto_groups=auto_groups,
-        default_pair=(int(facts.get("t_hi_index", base.t_hi_index)), int(facts.get("t_lo_index", base.t_lo_index))),
+        default_pair=pair,
     )
     profile = calibrated_profile(base, result, location(output).stem, facts, origin=location(scores_path).name)
     write_profile(profile, output)
     return profile, result
 
 
-def with_term_columns(frame: pd.DataFrame, facts: dict[str, Any], base: ModelProfile, *, device: str = "auto",
-                      log: Callable[[str], None] | None = None) -> pd.DataFrame:
-    """`frame` plus the per-step term columns of its prompts, on the model, noise bank and
-    conventions the scores were made with (memscan.timestep_search.term_columns); `log` hears
-    what the rescoring costs before it starts, and how long it took."""
+def scored_pair(facts: dict[str, Any], base: ModelProfile) -> tuple[int, int]:
+    """The (t_hi_index, t_lo_index) the scores were made with: their facts, else the profile's."""
+    return int(facts.get("t_hi_index", base.t_hi_index)), int(facts.get("t_lo_index", base.t_lo_index))
+
+
+def with_term_columns(frame: pd.DataFrame, facts: dict[str, Any], base: ModelProfile, pair: tuple[int, int], *,
+                      device: str = "auto", log: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """`frame` plus the per-step term columns of the prompts calibration counts (labelled, scored),
+    on the model, noise bank and conventions the scores were made with (memscan.timestep_search.
+    term_columns), `pair` among the steps; `log` hears what the rescoring costs before it starts,
+    and how long it took."""
     import time
 
     from memscan.models.loading import load_model
@@ -882,27 +889,29 @@ def with_term_columns(frame: pd.DataFrame, facts: dict[str, Any], base: ModelPro
 
     if facts.get("method", "anisotropy") != "anisotropy":
         raise UsageError(f"--search-timesteps needs anisotropy scores, not {facts.get('method')}")
-    if "prompt" not in frame or frame["prompt"].isna().any():
+    frame = frame.reset_index(drop=True)
+    counted = usable(frame, "score").index  # only what calibrate counts is rescored, not every unlabelled row
+    texts = frame.loc[counted, "prompt"] if "prompt" in frame else pd.Series([None] * len(counted))
+    if texts.isna().any():
         raise InputError("--search-timesteps rescores the prompts, and the scores lack their text "
                          "(--no-store-prompt?); pass --labels with the prompts")
     model = load_model(base, device=device, dtype=str(facts.get("dtype") or "auto"))
     steps = int(facts.get("num_inference_steps") or base.num_inference_steps)
-    own = {int(facts.get(k, getattr(base, k))) % steps for k in ("t_hi_index", "t_lo_index")}  # always a candidate
-    indices = sorted(set(grid_for(steps)) | own)
+    indices = sorted(set(grid_for(steps)) | {i % steps for i in pair})  # the scores' own pair is always a candidate
     n_noise, started = int(facts.get("n_noise") or 1), time.perf_counter()
-    prompts = frame["prompt"].astype(str).nunique()
+    prompts = texts.astype(str).nunique()
     if log is not None:
         log(f"searching steps: {prompts} prompts x {len(indices)} steps x {n_noise} noise = "
             f"{prompts * len(indices) * n_noise} UNet evaluations on {model.device}")
     terms = term_columns(
-        model, frame["prompt"].astype(str).tolist(), n_noise=n_noise,
+        model, texts.astype(str).tolist(), n_noise=n_noise,
         seed=int(facts.get("seed") if facts.get("seed") is not None else 51), steps=steps, indices=indices,
         v_convention=facts.get("v_convention") or base.v_convention,
         norm_scale=facts.get("norm_scale") or base.norm_scale,
     )
     if log is not None:
         log(f"searched steps in {time.perf_counter() - started:.1f} s")
-    return pd.concat([frame.reset_index(drop=True), terms], axis=1)
+    return frame.join(terms.set_axis(counted))  # rows calibrate leaves out get no term columns (NaN)
 
 
 def evaluate_files(

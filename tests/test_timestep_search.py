@@ -114,6 +114,12 @@ def test_calibrate_command_writes_the_searched_steps(tiny_model_dir: Path, tmp_p
     detected = pd.read_parquet(again)
     flagged = detected["score"].to_numpy() > out["threshold"]
     assert flagged[len(clean):].mean() == pytest.approx(out["tpr"], abs=1e-9) or out["fpr"] > 0
+    part = tmp_path / "part.csv"  # 10 clean prompts left unlabelled: calibrate leaves them out, so does the search
+    pd.read_csv(prompts).iloc[10:].to_csv(part, index=False)
+    fewer = runner.invoke(app, ["calibrate", str(scores), "--labels", str(part), "-o", str(tmp_path / "r.toml"),
+                                "--target-fpr", "0.2", "--search-timesteps"])
+    assert fewer.exit_code == 0, fewer.output
+    assert "searching steps: 42 prompts x 11 steps x 1 noise = 462 UNet evaluations" in fewer.stderr
     no_fit = runner.invoke(app, ["calibrate", str(scores), "--labels", str(prompts), "-o", str(tmp_path / "q.toml"),
                                  "--search-timesteps", "--no-fit"])
     assert no_fit.exit_code == 2 and len(no_fit.stderr.strip().splitlines()) == 1
