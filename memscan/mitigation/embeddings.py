@@ -91,11 +91,13 @@ def optimise_embedding(
     optimiser = torch.optim.AdamW([rest], lr=lr)
     step = 0
     while True:
-        embeds = torch.cat([bos, rest], dim=1).to(model.dtype)
+        full = torch.cat([bos, rest], dim=1)
+        embeds = full.to(model.dtype)
         terms = scoring.of_prompt_embeds(embeds)
         score = terms["score"].sum()
         value = float(score.detach())
-        norm_term = float(w_norm * terms["norm"].sum().detach()) if limit is not None else None
+        norm_now = w_norm * terms["norm"].sum() if limit is not None else None
+        norm_term = None if norm_now is None else float(norm_now.detach())
         verified = None  # the verifier's score of these very embeds, asked only when all else is under
         passed = value < aim and (norm_term is None or norm_term < limit)
         if passed and verifier is not None:
@@ -107,10 +109,10 @@ def optimise_embedding(
         if passed or step == steps:
             break
         loss = score
-        if limit is not None:
-            loss = loss + NORM_HINGE_WEIGHT * torch.relu(w_norm * terms["norm"].sum() - limit)
+        if norm_now is not None:
+            loss = loss + NORM_HINGE_WEIGHT * torch.relu(norm_now - limit)
         if pull:
-            loss = loss + pull * (1.0 - embedding_cosine(torch.cat([bos, rest], dim=1), start))
+            loss = loss + pull * (1.0 - embedding_cosine(full, start))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
