@@ -114,8 +114,9 @@ class AttributeReader:
 
 
 def readable_attributes(by_size: Mapping[str, Mapping[str, float]], min_accuracy: float) -> dict[str, tuple[str, ...]]:
-    """Per object size, the attributes whose accuracy in `by_size` reaches `min_accuracy`."""
-    return {size: tuple(k for k in ATTRIBUTES if acc[k] >= min_accuracy) for size, acc in by_size.items()}
+    """Per group (object size; valid-v: scene kind), the attributes whose accuracy in `by_size`
+    reaches `min_accuracy`, in the order they are listed there."""
+    return {size: tuple(k for k, a in acc.items() if a >= min_accuracy) for size, acc in by_size.items()}
 
 
 def decoded_renders(decode: Decode | None, *, n: int, seed: int) -> tuple[np.ndarray, list[Attributes]]:

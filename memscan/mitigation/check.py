@@ -123,7 +123,7 @@ class Content:
     facts: dict[str, Any]
 
 
-def content_for(design: str, data: Any, decode: Any, settings: CheckSettings) -> Content:
+def content_for(design: str, data: Any, decode: Any, settings: GenerationCheck) -> Content:
     """The demo's fitted attribute reader, or valid-v's rule-based scene reader, measured on the
     decoder's round trips of fresh renders (`decode`)."""
     if design == "valid-v":
@@ -133,8 +133,7 @@ def content_for(design: str, data: Any, decode: Any, settings: CheckSettings) ->
         scene_reader = SceneReader()
         by_kind = scene_reader.accuracy_by_kind(*scene_renders(decode, n=settings.reader_holdout,
                                                                seed=settings.gen_seed + 1))
-        checked = {kind: tuple(f for f, a in acc.items() if a >= settings.min_reader_accuracy)
-                   for kind, acc in by_kind.items()}
+        checked = readable_attributes(by_kind, settings.min_reader_accuracy)
         return Content(scene_reader, {m.image_id: named(m.attrs) for m in data.memorized}, checked,
                        {m.image_id: describe_scene(m.attrs.key()) for m in data.memorized},
                        {"reader_accuracy_by_kind": _rounded(by_kind)})
