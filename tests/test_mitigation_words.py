@@ -77,3 +77,17 @@ def test_a_bad_word_list_is_refused_before_the_model_loads(tmp_path: Path) -> No
 
     with pytest.raises(InputError, match="cannot read"):
         MitigateSettings(substitute_words=str(tmp_path / "nope.txt"))
+
+
+def test_the_list_is_embedded_once_per_model_similarity_and_list(tiny_model: ScoringModel, monkeypatch) -> None:
+    """The guard builds a WordSubstitutes per flagged prompt: the word list's embeddings are reused."""
+    words = ["meadow", "lantern", "river", "stone", "garden", "harbour"]
+    first = WordSubstitutes(tiny_model, words, "pooled")
+    expected = first.substitutes("tower", 3)
+    calls: list[int] = []
+    embed = WordSubstitutes._embed
+    monkeypatch.setattr(WordSubstitutes, "_embed", lambda self, texts: calls.append(len(texts)) or embed(self, texts))
+    again = WordSubstitutes(tiny_model, words, "pooled")
+    assert again.substitutes("tower", 3) == expected and calls == [1]  # only the query word was embedded
+    WordSubstitutes(tiny_model, words, "tokens").substitutes("tower", 3)
+    assert calls == [1, len(words), 1]  # another similarity: its own table

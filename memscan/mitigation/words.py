@@ -13,6 +13,7 @@ and any word containing it are excluded: they would carry the trigger straight b
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -24,6 +25,9 @@ from memscan.models.loading import ScoringModel
 from memscan.paths import data_dir
 
 ENGLISH = "english"
+# word-list embeddings by text encoder (weakly: they go with the model), then (similarity, words)
+_TABLES: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[str, tuple[str, ...]], torch.Tensor]] = (
+    weakref.WeakKeyDictionary())
 POOL_SIZE = 5000  # words of a list used (the list's first ones: the English list is by frequency)
 
 
@@ -63,7 +67,13 @@ class WordSubstitutes:
 
     @cached_property
     def _table(self) -> torch.Tensor:
-        return self._embed(self.words)
+        """The list's embeddings, made once per text encoder, similarity and list: the guard's rewrite
+        policy builds a WordSubstitutes per flagged prompt, and the list does not change between them."""
+        tables = _TABLES.setdefault(self.model.text_encoder, {})
+        key = (self.similarity, tuple(self.words))
+        if key not in tables:
+            tables[key] = self._embed(self.words)
+        return tables[key]
 
     def substitutes(self, word: str, k: int) -> list[str]:
         """Up to `k` words of the list nearest to `word`, nearest first."""
