@@ -72,17 +72,21 @@ def _chromium() -> str | None:
     return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
 
+def _screenshot(page: Path, shot: Path, *, height: int) -> np.ndarray:
+    """The page as headless Chromium draws it in a 1200-pixel-wide window, as an RGB(A) array."""
+    from matplotlib.image import imread
+
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tempfile.mkdtemp()}",
+             f"--screenshot={shot}", f"--window-size=1200,{height}"]
+    subprocess.run([_chromium(), *flags, page.resolve().as_uri()], check=True, capture_output=True, timeout=120)
+    return imread(shot)
+
+
 @pytest.mark.skipif(_chromium() is None, reason="headless Chromium is not installed")
 def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     page = write_report([_item("anisotropy", 0), _item("wen", 1)], tmp_path / "report.html")
-    shot = tmp_path / "shot.png"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", f"--user-data-dir={tempfile.mkdtemp()}",
-             f"--screenshot={shot}", "--window-size=1200,1600"]
-    subprocess.run([_chromium(), *flags, page.resolve().as_uri()], check=True, capture_output=True, timeout=120)
-    from matplotlib.image import imread
-
-    pixels = imread(shot)
+    pixels = _screenshot(page, tmp_path / "shot.png", height=1600)
     assert pixels.shape[:2] == (1600, 1200)
     coloured = (np.abs(pixels[..., 0] - pixels[..., 2]) > 0.3).mean()  # red/blue histogram bars and curves
     assert coloured > 0.005
@@ -204,14 +208,7 @@ def test_report_command_never_writes_over_a_guard_check(tmp_path: Path) -> None:
 @pytest.mark.skipif(_chromium() is None, reason="headless Chromium is not installed")
 def test_guard_check_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     page = write_report([], tmp_path / "guard.html", guard_checks={"run": GUARD})
-    shot = tmp_path / "shot.png"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", f"--user-data-dir={tempfile.mkdtemp()}",
-             f"--screenshot={shot}", "--window-size=1200,900"]
-    subprocess.run([_chromium(), *flags, page.resolve().as_uri()], check=True, capture_output=True, timeout=120)
-    from matplotlib.image import imread
-
-    pixels = imread(shot)
+    pixels = _screenshot(page, tmp_path / "shot.png", height=900)
     assert pixels.shape[:2] == (900, 1200)
     rgb = pixels[..., :3]
     coloured = (rgb.max(axis=-1) - rgb.min(axis=-1) > 0.3).mean()  # the plot's four points, ~90 px each
