@@ -107,28 +107,21 @@ class PairChoice:
     candidates: int
 
 
-def tpr_at(
-    scores: np.ndarray, labels: np.ndarray, target_fpr: float, confidence: float = 0.9,
-    groups: np.ndarray | None = None,
-) -> float:
-    """TPR at the threshold `memscan calibrate` would set on these scores (`clean_threshold`; with
-    `groups`, one per prompt, the guarantee counts the clean prompts' groups, as calibrate does)."""
+def tpr_at(scores: np.ndarray, labels: np.ndarray, target_fpr: float, confidence: float = 0.9) -> float:
+    """TPR at the threshold `memscan calibrate` would set on these scores (`clean_threshold`)."""
     from memscan.evaluate import clean_threshold
 
     scores, labels = np.asarray(scores), np.asarray(labels)
-    clean_groups = None if groups is None else np.asarray(groups)[labels == 0]
-    threshold, _ = clean_threshold(scores[labels == 0], target_fpr, confidence, others=scores[labels == 1],
-                                   groups=clean_groups)
+    threshold, _ = clean_threshold(scores[labels == 0], target_fpr, confidence, others=scores[labels == 1])
     return float((scores[labels == 1] > np.float32(threshold)).mean())
 
 
 def choose_pair(
     frame: pd.DataFrame, labels: np.ndarray, *, default: tuple[int, int], target_fpr: float,
-    confidence: float = 0.9, steps: int = 50, groups: np.ndarray | None = None,
+    confidence: float = 0.9, steps: int = 50,
 ) -> PairChoice:
     """The (t_hi, t_lo) index pair of the searched columns whose fitted score ranks `labels` best:
-    highest TPR at the threshold calibrate would set (`target_fpr`, `confidence`, caption `groups`
-    when calibrate counts them), then AUC, both
+    highest TPR at the threshold calibrate would set (`target_fpr`, `confidence`), then AUC, both
     rounded (to 0.01 and 0.001) so that only a real gain moves off the `default` pair (indices may
     be negative, as in profiles)."""
     from sklearn.metrics import roc_auc_score
@@ -144,8 +137,7 @@ def choose_pair(
         for lo in indices:
             norm, align = frame[f"{NORM_PREFIX}{hi}"].to_numpy(), frame[f"{ALIGN_PREFIX}{lo}"].to_numpy()
             scores = combined(norm, align, *fit_weights(norm, align, labels))
-            results[(hi, lo)] = (tpr_at(scores, labels, target_fpr, confidence, groups),
-                                  float(roc_auc_score(labels, scores)))
+            results[(hi, lo)] = (tpr_at(scores, labels, target_fpr, confidence), float(roc_auc_score(labels, scores)))
 
     def key(pair: tuple[int, int]) -> tuple[float, float, bool, int]:
         tpr, auc = results[pair]

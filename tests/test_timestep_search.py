@@ -67,33 +67,6 @@ def test_tpr_at_uses_the_threshold_calibrate_sets() -> None:
     assert tpr_at(few, np.r_[np.zeros(100, int), 1, 1], 0.01) == 0.5
 
 
-def test_tpr_at_counts_caption_families_when_calibrate_does() -> None:
-    # 400 clean prompts in 200 families of two: the guarantee counts 200 draws, too few at 1% to
-    # leave any above, so the threshold clears the largest clean score (399), not the 2nd largest (398)
-    scores = np.r_[np.arange(400.0), [396.5, 398.5, 399.5, 500.0]]
-    labels = np.r_[np.zeros(400, int), np.ones(4, int)]
-    groups = np.r_[np.arange(400) // 2, [-1, -2, -3, -4]]
-    assert tpr_at(scores, labels, 0.01) == 0.75
-    assert tpr_at(scores, labels, 0.01, groups=groups) == 0.5
-
-
-def test_the_search_ranks_pairs_by_calibrates_grouped_threshold() -> None:
-    # 400 clean prompts in 200 families of two. Step 0 separates best but one clean prompt outscores
-    # every memorized one: 400 prompts may leave one above the threshold, 200 families none. Step 25
-    # has no outlier and less separation. Counted by family, as calibrate with --groups counts, step 0
-    # flags nothing at its threshold and the search must move to step 25
-    rng = np.random.default_rng(2)
-    frame, labels = _frame(rng, 400, 20)
-    groups = np.r_[np.arange(400) // 2, 1000 + np.arange(20)]
-    frame["norm_t0"] += 6.0 * labels
-    frame.loc[0, "norm_t0"] = 9.0
-    frame["norm_t25"] += 3.0 * labels
-    by_prompt = choose_pair(frame, labels, default=(0, -3), target_fpr=0.01)
-    by_family = choose_pair(frame, labels, default=(0, -3), target_fpr=0.01, groups=groups)
-    assert by_prompt.t_hi_index == 0 and by_prompt.tpr == 1.0
-    assert by_family.t_hi_index == 25 and by_family.default_tpr == 0.0 and by_family.tpr > 0.2
-
-
 def test_calibrate_reads_the_chosen_steps_on_both_sides() -> None:
     rng = np.random.default_rng(1)
     frame, labels = _frame(rng, 300, 40)
