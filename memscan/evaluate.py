@@ -667,7 +667,7 @@ def calibrate(
     if searched_indices(rows):
         if not fit:
             raise UsageError("--search-timesteps fits the weights of the chosen steps; drop --no-fit")
-        pair = choose_pair(rows, labels, default=default_pair, target_fpr=target_fpr, confidence=confidence)
+        pair = choose_pair(rows, labels, default=default_pair, target_fpr=target_fpr)
         rows, test = (part.assign(norm=part[f"{NORM_PREFIX}{pair.t_hi_index}"],
                                   alignment=part[f"{ALIGN_PREFIX}{pair.t_lo_index}"]) for part in (rows, test))
     if fit:

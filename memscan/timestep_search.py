@@ -100,33 +100,26 @@ class PairChoice:
 
     t_hi_index: int
     t_lo_index: int
-    tpr: float  # at the target FPR, on the calibration side
+    tpr: float  # the ROC's TPR at the target FPR, on the calibration side
     auc: float
     default_tpr: float
     default_auc: float
     candidates: int
 
 
-def tpr_at(scores: np.ndarray, labels: np.ndarray, target_fpr: float, confidence: float = 0.9) -> float:
-    """TPR at the threshold `memscan calibrate` would set on these scores (`clean_threshold`)."""
-    from memscan.evaluate import clean_threshold
-
-    scores, labels = np.asarray(scores), np.asarray(labels)
-    threshold, _ = clean_threshold(scores[labels == 0], target_fpr, confidence, others=scores[labels == 1])
-    return float((scores[labels == 1] > np.float32(threshold)).mean())
-
-
 def choose_pair(
-    frame: pd.DataFrame, labels: np.ndarray, *, default: tuple[int, int], target_fpr: float,
-    confidence: float = 0.9, steps: int = 50,
+    frame: pd.DataFrame, labels: np.ndarray, *, default: tuple[int, int], target_fpr: float, steps: int = 50,
 ) -> PairChoice:
     """The (t_hi, t_lo) index pair of the searched columns whose fitted score ranks `labels` best:
-    highest TPR at the threshold calibrate would set (`target_fpr`, `confidence`), then AUC, both
-    rounded (to 0.01 and 0.001) so that only a real gain moves off the `default` pair (indices may
-    be negative, as in profiles)."""
-    from sklearn.metrics import roc_auc_score
+    highest ROC TPR at `target_fpr` ('below' convention), then AUC, both rounded (to 0.01 and
+    0.001) so that only a real gain moves off the `default` pair (indices may be negative, as in
+    profiles).
 
-    from memscan.evaluate import combined, fit_weights
+    Not the TPR at the threshold calibrate sets: on a few hundred clean prompts or families that
+    threshold clears the largest clean score, so its TPR is decided by one clean outlier and the
+    pair chosen by it fits that outlier (valid-v, 1,122 clean prompts, 5 group-aware splits: held-out
+    AUC 0.941 in one split where the ROC rule held 1.000)."""
+    from memscan.evaluate import combined, evaluate, fit_weights
 
     indices = searched_indices(frame)
     default = (default[0] % steps, default[1] % steps)
@@ -137,7 +130,8 @@ def choose_pair(
         for lo in indices:
             norm, align = frame[f"{NORM_PREFIX}{hi}"].to_numpy(), frame[f"{ALIGN_PREFIX}{lo}"].to_numpy()
             scores = combined(norm, align, *fit_weights(norm, align, labels))
-            results[(hi, lo)] = (tpr_at(scores, labels, target_fpr, confidence), float(roc_auc_score(labels, scores)))
+            ranking = evaluate(labels, scores, targets=(target_fpr,))
+            results[(hi, lo)] = (ranking.point(target_fpr, "below").tpr, ranking.auc)
 
     def key(pair: tuple[int, int]) -> tuple[float, float, bool, int]:
         tpr, auc = results[pair]

@@ -14,7 +14,7 @@ from memscan.evaluate import calibrate
 from memscan.methods.anisotropy import AnisotropyMethod
 from memscan.models.loading import ScoringModel
 from memscan.scorer import Scorer
-from memscan.timestep_search import DEFAULT_GRID, choose_pair, grid_for, searched_indices, term_columns, tpr_at
+from memscan.timestep_search import DEFAULT_GRID, choose_pair, grid_for, searched_indices, term_columns
 
 PROMPTS = ["a red fox in snow", "a red fox in snow", "the quiet harbour of lindale", "x" * 400, "ein Fuchs 🦊 [x]"]
 
@@ -57,14 +57,18 @@ def test_a_separating_step_is_chosen_and_ties_keep_the_profiles_pair() -> None:
     assert (choice.t_hi_index, choice.t_lo_index) == (0, 47)
 
 
-def test_tpr_at_uses_the_threshold_calibrate_sets() -> None:
-    scores = np.r_[np.arange(400.0), [396.5, 398.5, 399.5, 500.0]]
-    labels = np.r_[np.zeros(400, int), np.ones(4, int)]
-    # 400 clean prompts, 1% at 90% confidence: the threshold sits just above the 2nd largest (398)
-    assert tpr_at(scores, labels, 0.01) == 0.75
-    assert tpr_at(scores[:100].tolist() + [500.0], np.r_[np.zeros(100, int), 1], 0.01) == 1.0
-    few = np.r_[np.arange(100.0), [98.5, 99.5]]  # too few for the guarantee: above the largest clean score
-    assert tpr_at(few, np.r_[np.zeros(100, int), 1, 1], 0.01) == 0.5
+def test_two_clean_outliers_do_not_move_the_search_off_the_better_ranking() -> None:
+    # step 0 ranks everything right but two clean prompts, above every memorized one; step 25 has no
+    # outlier and ranks worse. The ROC at 1% FPR (3 clean of 400 may be above) and the AUC both keep
+    # step 0; the TPR at calibrate's threshold (at most 1 of 400 above at confidence 0.9) is 0 there
+    # and would pick step 25, a choice made by two prompts
+    rng = np.random.default_rng(2)
+    frame, labels = _frame(rng, 400, 20)
+    frame["norm_t0"] += 6.0 * labels
+    frame.loc[[0, 10], "norm_t0"] = 9.0
+    frame["norm_t25"] += 3.0 * labels
+    choice = choose_pair(frame, labels, default=(0, -3), target_fpr=0.01)
+    assert choice.t_hi_index == 0 and choice.tpr == 1.0 and choice.auc > 0.99
 
 
 def test_calibrate_reads_the_chosen_steps_on_both_sides() -> None:
