@@ -675,7 +675,7 @@ def calibrate_cmd(
         if result.timestep_search is not None:
             found = result.timestep_search
             weights = (f"steps t_hi {result.t_hi_index}, t_lo {result.t_lo_index} of {found['candidates']} pairs "
-                       f"(ROC TPR@{target_fpr:g} {found['tpr']:.3f}, AUC {found['auc']:.3f}; the profile's pair: "
+                       f"(ROC TPR@{target_fpr:g} {found['tpr']:.3f}, AUC {found['auc']:.3f}; the profile's pair: ROC TPR "
                        f"{found['default_tpr']:.3f}, "
                        f"AUC {found['default_auc']:.3f}), " + weights)
         held = result.holdout

@@ -605,6 +605,54 @@ def false_positive_cluster(
             f"({int((groups[clean] == top).sum())} clean prompts, {clean_share:.1%} of them{example})")
 
 
+# A warning when one clean prompt (or family) sets the threshold and costs much of the TPR: removing
+# it would raise the calibration side's TPR at the threshold by at least this much.
+SETTER_TPR_GAIN = 0.2
+
+
+def threshold_setter(
+    scores: np.ndarray, labels: np.ndarray, groups: np.ndarray | None, threshold: float, target_fpr: float,
+    confidence: float, prompts: Sequence[Any] | None = None,
+) -> str | None:
+    """A sentence when the clean score the threshold sits on is one prompt (or family, with `groups`)
+    whose removal would raise the TPR by SETTER_TPR_GAIN or more, else None. On a few hundred clean
+    prompts the guarantee puts the threshold above the largest clean score, so one mislabelled or
+    odd caption decides how much is flagged; the user should look at it, or label more."""
+    from scipy.stats import binom
+
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    clean, memorized = labels == 0, labels == 1
+    if not memorized.any() or clean.sum() < 2:
+        return None
+    ids = np.arange(len(scores)) if groups is None else np.asarray(groups)
+    below = clean & (scores <= np.float32(threshold))
+    if not below.any():
+        return None
+    setter = int(np.flatnonzero(below)[np.argmax(scores[below])])
+    rest = clean & (ids != ids[setter])
+    if not rest.any():
+        return None
+    tpr = float((scores[memorized] > np.float32(threshold)).mean())
+    others = scores[memorized]
+    without, _ = clean_threshold(scores[rest], target_fpr, confidence, others=others,
+                                 groups=None if groups is None else ids[rest])
+    gain = float((others > np.float32(without)).mean()) - tpr
+    if gain < SETTER_TPR_GAIN:
+        return None
+    draws = int(np.unique(ids[clean]).size)
+    allowed = np.flatnonzero(binom.cdf(np.arange(draws), draws, target_fpr) <= 1 - confidence)
+    left_above = int(allowed[-1]) if allowed.size else 0  # clean draws the threshold leaves above it now
+    sizes = np.arange(draws, draws + 100_000)
+    enough = sizes[binom.cdf(left_above + 1, sizes, target_fpr) <= 1 - confidence]
+    unit = "prompts" if groups is None else "caption families"
+    named = f"{str(prompts[setter])!r}, " if prompts is not None else ""
+    more = f"; from {int(enough[0])} clean {unit} on, the guarantee leaves one more above it" if enough.size else ""
+    return (f"one clean prompt sets the threshold ({named}score {scores[setter]:.4g}, above "
+            f"{int((others < scores[setter]).sum())} of {int(memorized.sum())} memorized prompts): without it the "
+            f"TPR would be {tpr + gain:.3f}, not {tpr:.3f}. Look at it and its label (a training caption whose "
+            f"generations vary is labelled clean and may still score like a memorized one){more}")
+
+
 def calibrate(
     frame: pd.DataFrame, *, target_fpr: float = 0.01, confidence: float = 0.9, fit: bool = True,
     weights: tuple[float, float] | None = None, holdout: float = 0.0, seed: int = 0,
@@ -701,6 +749,9 @@ def calibrate(
             advice = ("; the guarantee counts that family once" if grouped else
                       "; families are not exchangeable prompts: calibrate with --group-column or --groups auto")
             warnings.append(f"{side} side: {cluster}{advice}")
+    setter = threshold_setter(scores, labels, groups if grouped else None, threshold, target_fpr, confidence, texts)
+    if setter:
+        warnings.append(f"calibration side: {setter}")
     w_norm, w_align = weights if weights is not None and has_terms else (None, None)
     return Calibration(
         threshold=threshold, target_fpr=target_fpr, confidence=confidence, guaranteed=guaranteed, w_norm=w_norm,

@@ -600,3 +600,18 @@ def test_calibrate_command_with_a_group_column(tmp_path: Path) -> None:
     assert both.exit_code == 2 and "not both" in both.stderr
     missing = runner.invoke(app, [*base, "-o", str(tmp_path / "c.toml"), "--group-column", "nope"])
     assert missing.exit_code == 4 and "'nope'" in missing.stderr
+
+
+def test_calibrate_names_the_one_clean_prompt_that_sets_the_threshold() -> None:
+    # 300 clean prompts (the guarantee leaves one above the threshold from 388 on, so none here) and
+    # one of them scores above most memorized ones: it alone decides the TPR, and calibrate says so
+    rng = np.random.default_rng(0)
+    clean, memorized = rng.normal(0.0, 1.0, 300), rng.normal(8.0, 1.0, 20)
+    frame = pd.DataFrame({"score": np.r_[clean, memorized], "label": np.r_[np.zeros(300, int), np.ones(20, int)],
+                          "prompt": [f"clean caption {i}" for i in range(300)] + [f"memorized {i}" for i in range(20)]})
+    assert not calibrate(frame, fit=False).warnings
+    frame.loc[7, "score"] = 9.5
+    result = calibrate(frame, fit=False)
+    assert result.tpr < 0.2
+    (warning,) = [w for w in result.warnings if "sets the threshold" in w]
+    assert "'clean caption 7'" in warning and "TPR would be 1.000" in warning and "from 388 clean prompts on" in warning
