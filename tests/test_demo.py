@@ -206,6 +206,25 @@ def test_cli_demo_export(tmp_path):
     _check_exported(tmp_path, 1)
 
 
+@pytest.mark.parametrize("design", ["demo", "valid-v"])
+def test_cli_demo_export_more_clean_captions(tmp_path, design):
+    # --generic N: N clean generic captions, the default 200 first; the memorized prompts unchanged
+    # (valid-v draws its held-out captions after the generic ones, so those are new draws)
+    runner.invoke(app, ["demo", "export", "--out-dir", str(tmp_path / "a"), "--design", design])
+    result = runner.invoke(app, ["demo", "export", "--out-dir", str(tmp_path / "b"), "--design", design,
+                                 "--generic", "300"])
+    assert result.exit_code == 0, result.output
+    a, b = (pd.read_csv(tmp_path / x / "prompts.csv", keep_default_na=False) for x in "ab")
+    generic = b[b["kind"] == "generic"]
+    assert len(generic) == 300 and generic["prompt"].is_unique and (generic["label"] == "not_memorized").all()
+    assert generic["prompt"].head(200).tolist() == a.loc[a["kind"] == "generic", "prompt"].tolist()
+    memorized = [frame[frame["label"] == "memorized"].reset_index(drop=True) for frame in (a, b)]
+    pd.testing.assert_frame_equal(*memorized)
+    assert (a["kind"].value_counts().drop("generic") == b["kind"].value_counts().drop("generic")).all()
+    bad = runner.invoke(app, ["demo", "export", "--out-dir", str(tmp_path / "c"), "--generic", "0"])
+    assert bad.exit_code == 2
+
+
 @pytest.mark.parametrize("args", [
     ["demo", "score", "--model", "no/such/model"],
     ["demo", "verify", "--model", "no/such/model"],

@@ -130,12 +130,13 @@ def export_cmd(
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder for prompts.csv and train_images.npz.")] = Path("data/demo"),
     seed: Annotated[int, typer.Option(help="Data seed.")] = 0,
     design: Annotated[str, typer.Option("--design", help="demo, or valid-v (the second test model).")] = "demo",
+    generic: Annotated[int | None, typer.Option("--generic", min=1, help="Clean generic captions to write (default 200; more give calibrate's FPR guarantee the clean families it counts, the first 200 unchanged).")] = None,
 ) -> None:
     """Write the labelled prompts (prompts.csv) and the memorized training images (train_images.npz)."""
     with _errors():
         from memscan.demo.train import design_module
 
-        s = design_module(design).export_data(out_dir, seed)
+        s = design_module(design).export_data(out_dir, seed, n_generic_eval=generic)
         _say(f"wrote {s['prompts_csv']} ({s['n_prompts']} prompts) and {s['train_images']} ({s['n_images']} images)")
 
 

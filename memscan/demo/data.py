@@ -376,12 +376,13 @@ def fresh_renders(attrs: Attributes, n: int, seed: int) -> np.ndarray:
 PROMPT_COLUMNS = ("prompt", "label", "kind", "train_image_id")
 
 
-def export_data(out_dir: str | Path, seed: int = 0) -> dict[str, object]:
+def export_data(out_dir: str | Path, seed: int = 0, n_generic_eval: int | None = None) -> dict[str, object]:
     """Write the labelled prompts (`prompts.csv`) and the memorized training images
-    (`train_images.npz`: uint8 `images` (M, 3, H, W), `image_ids`) of `build_data(seed)`."""
+    (`train_images.npz`: uint8 `images` (M, 3, H, W), `image_ids`) of `build_data(seed)`;
+    `n_generic_eval` clean generic captions instead of the default 200 (the same first ones)."""
     import pandas as pd
 
-    data = build_data(seed)
+    data = build_data(seed) if n_generic_eval is None else build_data(seed, n_generic_eval=n_generic_eval)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompts_csv, images_npz = out / "prompts.csv", out / "train_images.npz"

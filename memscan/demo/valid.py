@@ -477,11 +477,12 @@ def fresh_renders(scene: Scene, n: int, seed: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- files
 
 
-def export_data(out_dir: str | Path, seed: int = 0) -> dict[str, object]:
-    """Write `prompts.csv` and `train_images.npz` (uint8 `images`, `image_ids`) of `build_data(seed)`."""
+def export_data(out_dir: str | Path, seed: int = 0, n_generic_eval: int | None = None) -> dict[str, object]:
+    """Write `prompts.csv` and `train_images.npz` (uint8 `images`, `image_ids`) of `build_data(seed)`,
+    with `n_generic_eval` clean generic captions instead of the default (the same first ones)."""
     import pandas as pd
 
-    data = build_data(seed)
+    data = build_data(seed) if n_generic_eval is None else build_data(seed, n_generic_eval=n_generic_eval)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompts_csv, images_npz = out / "prompts.csv", out / "train_images.npz"
