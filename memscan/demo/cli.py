@@ -130,7 +130,7 @@ def export_cmd(
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder for prompts.csv and train_images.npz.")] = Path("data/demo"),
     seed: Annotated[int, typer.Option(help="Data seed.")] = 0,
     design: Annotated[str, typer.Option("--design", help="demo, or valid-v (the second test model).")] = "demo",
-    generic: Annotated[int | None, typer.Option("--generic", min=1, help="Clean generic captions to write (default 200; more give calibrate's FPR guarantee the clean families it counts, the first 200 unchanged).")] = None,
+    generic: Annotated[int | None, typer.Option("--generic", min=1, max=100_000, help="Clean generic captions to write (default 200, at most 100,000; more give calibrate's FPR guarantee the clean families it counts, the first 200 unchanged).")] = None,
 ) -> None:
     """Write the labelled prompts (prompts.csv) and the memorized training images (train_images.npz)."""
     with _errors():
