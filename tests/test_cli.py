@@ -371,6 +371,7 @@ def test_mitigate_refuses_its_input_and_one_path_for_two_outputs(prompts_csv: Pa
     assert into_input.exit_code == 2 and "input" in _one_line_error(into_input)
 
 
+@pytest.mark.slow  # 7 s of subprocess start-up; tests/test_outputs.py checks the umask rule in-process
 def test_written_files_honour_the_umask_end_to_end(tiny_model_dir: Path, prompts_csv: Path, tmp_path: Path) -> None:
     """A subprocess, so the umask is the process's own, as under cron or a shared shell."""
     import stat
