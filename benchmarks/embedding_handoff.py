@@ -3,8 +3,10 @@ optimised embedding for the first k steps and the prompt's own embedding for the
 way round), and count the memorized prompts that still copy.
 
 Why: an embedding optimised on the score read at the start of generation stops only 74% of the demo's
-copies. If the copy were settled in the first steps (as Jain et al. 2025 find for SD), handing over
-to the prompt after them would keep stopping it; if it is settled late, it will not. Same seeds and
+copies. If the copy were settled in the first steps (as Jain et al., CVPR 2025, find for SD), handing
+over to the prompt after them would keep stopping it; if it is settled late, it will not. `--order
+empty-first` runs Jain et al.'s own static-transition mitigation (no guidance, i.e. the empty prompt's
+prediction, before step k; the prompt after). Same seeds and
 copy measure as `python -m memscan.mitigation.check` (its k = steps row equals that check's
 embedding row).
 
@@ -41,7 +43,10 @@ def main() -> None:
     parser.add_argument("--design", default="demo", choices=("demo", "valid-v"))
     parser.add_argument("--prompts", default="data/demo/prompts.csv", help="labelled prompts.csv")
     parser.add_argument("--ks", default="0,10,20,30,50", help="steps generated from the first embedding")
-    parser.add_argument("--order", default="embedding-first", choices=("embedding-first", "prompt-first"))
+    parser.add_argument("--order", default="embedding-first",
+                        choices=("embedding-first", "prompt-first", "empty-first"),
+                        help="empty-first: the empty prompt, then the prompt's own (Jain et al.'s static transition "
+                             "point with guidance 0 before it)")
     args = parser.parse_args()
 
     settings = CheckSettings()
@@ -61,7 +66,9 @@ def main() -> None:
     optimised = torch.cat([saved[i] for i in mem["prompt_id"]])
     with torch.no_grad():
         own = encode_prompts(loaded, mem["prompt"].tolist()).to(optimised.dtype)
-    first, then = (optimised, own) if args.order == "embedding-first" else (own, optimised)
+        empty = encode_prompts(loaded, [""]).to(own).expand_as(own).contiguous()
+    first, then = {"embedding-first": (optimised, own), "prompt-first": (own, optimised),
+                   "empty-first": (empty, own)}[args.order]
     n = settings.n_per_prompt
 
     @torch.no_grad()
