@@ -73,6 +73,10 @@ class PromptDecision:
     seed: int | None = None  # reseed: the seed of the latents generated from
     steps: int | None = None  # optimize: AdamW steps; reseed: tries
     error: str | None = None  # the mitigation failed (the prompt is blocked)
+    norm_fall: float | None = None  # optimize: the t_hi guidance norm of the embedding over the prompt's own
+    late_step: int | None = None  # optimize_late: the step index from which `late_embedding` was generated
+    late_norm_ratio: float | None = None  # its guidance norm on the call's latents there, over the embedding's
+    late_embedding: torch.Tensor | None = None  # (1, 77, hidden) re-optimised on the partly denoised latents
 
 
 @dataclass
@@ -100,7 +104,8 @@ class GuardResult:
                     "action": d.action, "generated": d.generated, "resolved": d.resolved,
                     "score_after": d.score_after, "score_verified": d.score_verified,
                     "prompt_used": d.prompt_used, "embedding": d.embedding is not None, "seed": d.seed,
-                    "steps": d.steps, "error": d.error,
+                    "steps": d.steps, "late_step": d.late_step, "late_norm_ratio": d.late_norm_ratio,
+                    "error": d.error,
                 })
         return pd.DataFrame(rows)
 
@@ -121,6 +126,7 @@ class Guard:
         optimize_steps: int = 50,
         optimize_lr: float = 0.05,
         optimize_depth: float = 0.0,
+        optimize_late: float | None = None,
         verify_noise: int = 4,
         min_similarity: float = 0.8,
         on_unresolved: str = "block",
@@ -128,7 +134,9 @@ class Guard:
         """`profile_or_model_spec`: a profile name / .toml / ModelProfile (None: memscan's default score
         for the pipeline's prediction type); `threshold` (None: the profile's calibrated one) flags;
         `target` (None: the threshold) is what a mitigation must get under; `on_unresolved`: block or
-        generate a prompt whose mitigation did not reach the target."""
+        generate a prompt whose mitigation did not reach the target. `optimize_late` (a share of the
+        denoising steps, e.g. 0.6): at that step, re-optimise each optimised embedding on the call's own
+        partly denoised latents (see `_refine_late`) and generate the remaining steps from it."""
         quiet_libraries()
         if policy not in POLICIES:
             raise UsageError(f"guard: policy must be one of {', '.join(POLICIES)}, got {policy!r}")
@@ -136,6 +144,11 @@ class Guard:
             raise UsageError(f"guard: on_unresolved must be block or generate, got {on_unresolved!r}")
         if reseed_tries < 1 or optimize_steps < 0 or verify_noise < 0 or optimize_depth < 0:
             raise UsageError("guard: reseed_tries must be >= 1, optimize_steps, optimize_depth and verify_noise >= 0")
+        if optimize_late is not None and not 0 < optimize_late < 1:
+            raise UsageError(f"guard: optimize_late must be a share of the steps in (0, 1), got {optimize_late}")
+        if optimize_late is not None and getattr(getattr(pipe, "scheduler", None), "init_noise_sigma", 1) != 1:
+            raise UsageError(f"guard: optimize_late reads the latents as the UNet sees them, which "
+                             f"{type(pipe.scheduler).__name__} scales; use a DDIM, DDPM, PNDM or DPM-Solver scheduler")
         self.pipe = pipe
         self.policy = policy
         self.model = _scoring_model(pipe, profile_or_model_spec)
@@ -152,6 +165,7 @@ class Guard:
         self.target = float(target) if target is not None else self.threshold
         self.reseed_tries, self.reseed_seed = reseed_tries, reseed_seed
         self.optimize_steps, self.optimize_lr, self.optimize_depth = optimize_steps, optimize_lr, optimize_depth
+        self.optimize_late = optimize_late
         self.verify_noise, self.min_similarity = verify_noise, min_similarity
         self.on_unresolved = on_unresolved
         self._empty: torch.Tensor | None = None
@@ -229,6 +243,9 @@ class Guard:
 
         images: list[Any] = [None] * rows
         nsfw = None
+        late = [d for d in decisions if d.generated and d.embedding is not None and d.norm_fall is not None]
+        if late and self.optimize_late is not None:
+            pipe_kwargs = self._with_late_callback(late, k, len(prompts), pipe_kwargs)
         if any(d.generated for d in decisions):
             with _first_call_reused(pipe.unet, cached if torch.equal(lat, latents) else None):
                 output = pipe(
@@ -386,6 +403,88 @@ class Guard:
         d.embedding, d.prompt_used = result.embeds, None
         d.score_after, d.score_verified = result.score, result.verified
         d.steps, d.resolved = result.steps, result.resolved
+        if self.optimize_late is not None:
+            own = self.pipe.encode_prompt([prompt], self.model.device, 1, False)[0]
+            at_hi = [self._guidance_norm(noise, self.t_hi, e.to(self.model.device, self.model.dtype))
+                     for e in (result.embeds, own)]
+            d.norm_fall = at_hi[0] / at_hi[1] if at_hi[1] > 0 else None
+
+    def _guidance_norm(self, latents: torch.Tensor, t: int, embeds: torch.Tensor) -> float:
+        """Mean over `latents` of ||eps(x, t, embeds) - eps(x, t, "")||, as the score's norm reads it."""
+        rows = latents.shape[0]
+        steps = torch.full((rows,), int(t), device=self.model.device)
+        both = unet_prediction(self.model, latents.repeat(2, 1, 1, 1), steps.repeat(2),
+                               torch.cat([embeds.expand(rows, -1, -1), self._empty_embeds().expand(rows, -1, -1)]),
+                               self.method.v_convention)
+        cond, uncond = both.split(rows)
+        return float((cond - uncond).flatten(1).norm(dim=1).mean())
+
+    def _refine_late(self, d: PromptDecision, latents: torch.Tensor, t: int) -> torch.Tensor:
+        """The prompt's optimised embedding, optimised again (AdamW, BOS frozen, pulled back to itself) on
+        the call's own latents at step t until its guidance norm there falls by `d.norm_fall`, the factor
+        its optimisation took off the t_hi norm. On the demo and valid-v a copy is settled in the last
+        steps, which the first-step score reads only in part (benchmarks/embedding_handoff.py)."""
+        from memscan.mitigation.embeddings import embedding_cosine
+
+        model, rows = self.model, latents.shape[0]
+        lat = latents.to(model.device, model.dtype)
+        steps = torch.full((rows,), int(t), device=model.device)
+        assert d.embedding is not None and d.norm_fall is not None
+        base = d.embedding.to(model.device).float()
+        with _frozen(self.pipe.unet, self.pipe.text_encoder), torch.inference_mode(False), torch.enable_grad():
+            uncond = unet_prediction(model, lat, steps, self._empty_embeds().expand(rows, -1, -1),
+                                     self.method.v_convention).detach()
+            start = None
+            rest = base[:, 1:].clone().requires_grad_(True)
+            optimiser = torch.optim.AdamW([rest], lr=self.optimize_lr)
+            for step in range(self.optimize_steps + 1):
+                embeds = torch.cat([base[:, :1], rest], dim=1)
+                cond = unet_prediction(model, lat, steps, embeds.to(model.dtype).expand(rows, -1, -1),
+                                       self.method.v_convention)
+                norm = (cond - uncond).flatten(1).norm(dim=1).mean()
+                value = float(norm.detach())
+                start = value if start is None else start
+                if value <= d.norm_fall * start or step == self.optimize_steps:
+                    break
+                loss = norm + start * (1.0 - embedding_cosine(embeds, base))
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+        d.late_norm_ratio = value / start if start else None
+        return embeds.detach()
+
+    def _with_late_callback(self, late: list[PromptDecision], k: int, n_prompts: int,
+                            pipe_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """`pipe_kwargs` with a step-end callback that, at step round(optimize_late * steps), swaps each
+        optimised prompt's rows of the conditional embeddings for `_refine_late`'s (the caller's own
+        callback, if any, runs after it on what it returns)."""
+        pipe, kwargs = self.pipe, dict(pipe_kwargs)
+        n_steps = int(kwargs.get("num_inference_steps", 50))
+        index = min(max(round(self.optimize_late * n_steps), 1), n_steps - 1)
+        user, user_inputs = kwargs.pop("callback_on_step_end", None), kwargs.pop("callback_on_step_end_tensor_inputs",
+                                                                                  ["latents"])
+        if user is not None and not callable(user):
+            raise UsageError("guard: optimize_late needs callback_on_step_end to be a function, not a callback object")
+
+        def late_step(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            if step == index - 1:
+                embeds = tensors["prompt_embeds"].clone()
+                positive = embeds.shape[0] - n_prompts * k  # [negative, positive] under guidance, else positive only
+                t = int(pipeline.scheduler.timesteps[index])
+                for d in late:
+                    rows = slice(d.index * k, (d.index + 1) * k)
+                    refined = self._refine_late(d, tensors["latents"][rows], t)
+                    d.late_step = index
+                    embeds[positive + rows.start : positive + rows.stop] = refined.to(embeds)
+                out["prompt_embeds"] = embeds
+            if user is not None:
+                out.update(user(pipeline, step, timestep, {**tensors, **out}) or {})
+            return out
+
+        kwargs["callback_on_step_end"] = late_step
+        kwargs["callback_on_step_end_tensor_inputs"] = sorted({*user_inputs, "latents", "prompt_embeds"})
+        return kwargs
 
     def _rewrite(self, d: PromptDecision, prompt: str, noise: torch.Tensor, shape: tuple[int, ...]) -> None:
         """memscan's text search (attribution, beam search, similarity floor) on this call's noise,

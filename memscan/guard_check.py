@@ -71,11 +71,12 @@ class GuardCheckSettings(GenerationCheck):
     target: float | None = None  # what reseed, optimize and rewrite aim under (None: the threshold)
     optimize_steps: int = 50
     optimize_depth: float = 0.0
+    optimize_late: float | None = None  # Guard(optimize_late=): re-optimise at this share of the steps
 
     def guard_kwargs(self) -> dict[str, Any]:
         """The Guard settings these name (the rest are the Guard's defaults)."""
         return {"optimize_steps": self.optimize_steps, "optimize_depth": self.optimize_depth,
-                **({} if self.target is None else {"target": self.target})}
+                "optimize_late": self.optimize_late, **({} if self.target is None else {"target": self.target})}
 
 
 def _subset(prompts: pd.DataFrame, settings: GuardCheckSettings) -> pd.DataFrame:
@@ -319,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimize-steps", type=int, default=50, help="most AdamW steps of optimize")
     parser.add_argument("--optimize-depth", type=float, default=0.0,
                         help="optimize aims this share of the starting gap under the target")
+    parser.add_argument("--optimize-late", type=float, default=None,
+                        help="optimize re-optimises the embedding at this share of the steps on the call's latents")
     parser.add_argument("--out", default=None, help="the per-prompt table (CSV)")
     parser.add_argument("--html", default=None, help="the table and trade-off plot as one HTML page")
     parser.add_argument("--json", default=None, help="also write the summary JSON here")
@@ -328,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = GuardCheckSettings(n_per_prompt=args.n, gen_seed=args.gen_seed, data_seed=args.data_seed,
                                   batch_prompts=args.batch_prompts, memorized=args.memorized, clean=args.clean,
                                   subset_seed=args.subset_seed, policies=policies, target=args.target,
-                                  optimize_steps=args.optimize_steps, optimize_depth=args.optimize_depth)
+                                  optimize_steps=args.optimize_steps, optimize_depth=args.optimize_depth,
+                                  optimize_late=args.optimize_late)
     from memscan.report import guard_markdown_table
 
     try:

@@ -227,3 +227,46 @@ def test_optimize_leaves_the_users_weights_untouched(pipe):
     _guarded(guard, prompts=PROMPTS[:1])
     assert [p.requires_grad for p in pipe.unet.parameters()] == before
     assert all(p.grad is None for p in pipe.unet.parameters())
+
+
+def test_optimize_late_refines_the_flagged_prompts_embedding_on_the_calls_own_latents(pipe):
+    steps = 10
+    scores = [d.score_before for d in _guarded(Guard(pipe, _profile(), threshold=1e9), steps=steps).prompts]
+    top = int(np.argmax(scores))
+    threshold = max(s for i, s in enumerate(scores) if i != top) + 1e-3
+    settings = {"threshold": threshold, "policy": "optimize", "verify_noise": 0, "on_unresolved": "generate"}
+    plain = _guarded(Guard(pipe, _profile(), **settings), steps=steps)
+    seen: list[int] = []
+
+    def user_callback(_pipe, step, _t, tensors):  # the caller's own callback still runs, on the swapped tensors
+        seen.append(step)
+        return {}
+
+    late = _guarded(Guard(pipe, _profile(), optimize_late=0.6, **settings), steps=steps,
+                    callback_on_step_end=user_callback)
+    d = late.prompts[top]
+    assert d.flagged and d.generated and d.embedding is not None and d.late_step == 6
+    assert d.norm_fall is not None and 0 < d.norm_fall < 1
+    assert d.late_norm_ratio is not None and d.late_norm_ratio <= d.norm_fall + 1e-6
+    assert seen == list(range(steps))
+    records = late.records()
+    assert records.loc[records["prompt_index"] == top, "late_step"].tolist() == [6, 6]
+    rows = slice(2 * top, 2 * top + 2)
+    assert not np.array_equal(np.stack(late.images[rows]), np.stack(plain.images[rows]))
+    reference = _generate(pipe, PROMPTS, steps=steps)
+    for j, image in enumerate(late.images):  # the prompts that were not flagged: the unguarded images
+        if j // 2 != top:
+            assert np.array_equal(image, reference[j])
+
+
+def test_optimize_late_refusals_are_one_line(pipe):
+    from diffusers import EulerDiscreteScheduler
+
+    from memscan.errors import UsageError
+
+    with pytest.raises(UsageError, match="share of the steps"):
+        Guard(pipe, _profile(), threshold=1.0, policy="optimize", optimize_late=1.5)
+    euler = _pipe()
+    euler.scheduler = EulerDiscreteScheduler.from_config(euler.scheduler.config)
+    with pytest.raises(UsageError, match="EulerDiscreteScheduler scales"):
+        Guard(euler, _profile(), threshold=1.0, policy="optimize", optimize_late=0.6)

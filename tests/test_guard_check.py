@@ -157,6 +157,7 @@ def test_summary_has_a_similarity_per_policy():
 def test_check_settings_pass_the_mitigation_target_and_budget_to_the_guard():
     from memscan.guard_check import GuardCheckSettings
 
-    assert GuardCheckSettings().guard_kwargs() == {"optimize_steps": 50, "optimize_depth": 0.0}
-    assert GuardCheckSettings(target=0.23, optimize_steps=80, optimize_depth=0.5).guard_kwargs() == {
-        "optimize_steps": 80, "optimize_depth": 0.5, "target": 0.23}
+    assert GuardCheckSettings().guard_kwargs() == {"optimize_steps": 50, "optimize_depth": 0.0, "optimize_late": None}
+    assert GuardCheckSettings(target=0.23, optimize_steps=80, optimize_depth=0.5,
+                              optimize_late=0.6).guard_kwargs() == {
+        "optimize_steps": 80, "optimize_depth": 0.5, "optimize_late": 0.6, "target": 0.23}
