@@ -458,7 +458,7 @@ class Guard:
         """`pipe_kwargs` with a step-end callback that, at step round(optimize_late * steps), swaps each
         optimised prompt's rows of the conditional embeddings for `_refine_late`'s (the caller's own
         callback, if any, runs after it on what it returns)."""
-        pipe, kwargs = self.pipe, dict(pipe_kwargs)
+        kwargs = dict(pipe_kwargs)
         n_steps = int(kwargs.get("num_inference_steps", 50))
         index = min(max(round(self.optimize_late * n_steps), 1), n_steps - 1)
         user, user_inputs = kwargs.pop("callback_on_step_end", None), kwargs.pop("callback_on_step_end_tensor_inputs",
