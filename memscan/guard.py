@@ -464,7 +464,8 @@ class Guard:
         user, user_inputs = kwargs.pop("callback_on_step_end", None), kwargs.pop("callback_on_step_end_tensor_inputs",
                                                                                   ["latents"])
         if user is not None and not callable(user):
-            raise UsageError("guard: optimize_late needs callback_on_step_end to be a function, not a callback object")
+            raise UsageError("guard: callback_on_step_end must be callable")
+        user_inputs = list(getattr(user, "tensor_inputs", None) or user_inputs)  # diffusers' PipelineCallback objects
 
         def late_step(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             out: dict[str, Any] = {}
