@@ -1004,6 +1004,7 @@ def generate_cmd(
     id_column: IdColumnOption = None,
     log_interval: LogIntervalOption = 60.0,
     json_summary: JsonSummaryOption = False,
+    optimize_late: Annotated[float | None, typer.Option("--optimize-late", help="With --guard optimize: at this share of the steps (e.g. 0.6), optimise the embedding again on the call's own partly denoised latents (for models that settle copies late).")] = None,
 ) -> None:
     """Generate images through the memorization guard: PNGs and a Parquet log of its decisions."""
     with cli_errors():
@@ -1013,7 +1014,7 @@ def generate_cmd(
         settings = GenerateSettings(
             model=model, guard=guard, threshold=threshold, num_images_per_prompt=num_images_per_prompt, steps=steps,
             guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
-            prompt_column=prompt_column, id_column=id_column,
+            prompt_column=prompt_column, id_column=id_column, optimize_late=optimize_late,
         )
         settings.check()
         check_generate_output(output, input_path, settings)  # before the model loads

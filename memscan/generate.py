@@ -48,11 +48,15 @@ class GenerateSettings:
     dtype: str = "auto"
     prompt_column: str | None = None
     id_column: str | None = None
+    optimize_late: float | None = None  # --guard optimize: re-optimise at this share of the steps (Guard)
 
     def check(self) -> None:
         """One-line refusals of values that cannot work."""
         if self.guard not in GUARD_CHOICES:
             raise UsageError(f"--guard {self.guard!r}: use one of {', '.join(GUARD_CHOICES)}")
+        if self.optimize_late is not None and (self.guard != "optimize" or not 0 < self.optimize_late < 1):
+            raise UsageError(f"--optimize-late {self.optimize_late}: a share of the steps in (0, 1), "
+                             "with --guard optimize")
         if self.num_images_per_prompt < 1 or self.steps < 1 or self.batch_size < 1:
             raise UsageError("--num-images-per-prompt, --steps and --batch-size must be >= 1")
 
@@ -155,7 +159,8 @@ def generate_images(
         if settings.guard != "off":
             from memscan.guard import Guard
 
-            guard = Guard(pipe, profile, threshold=settings.threshold, policy=settings.guard)
+            guard = Guard(pipe, profile, threshold=settings.threshold, policy=settings.guard,
+                          optimize_late=settings.optimize_late)
         out.mkdir(parents=True, exist_ok=True)
         (out / "settings.json").write_text(
             json.dumps({"input": str(input_path), **settings.fingerprint()}, indent=2) + "\n", encoding="utf-8")
@@ -254,7 +259,8 @@ def _batch(
                 rows.append(_row(
                     ids[r], texts[i], j, seeds[i * k + j], score_before=d.sample_scores[j], flagged=d.flagged,
                     action=d.action, score_after=d.score_after, score_verified=d.score_verified, resolved=d.resolved,
-                    prompt_used=d.prompt_used if d.embedding is None else "<optimized embedding>",
+                    prompt_used=d.prompt_used if d.embedding is None else "<optimized embedding>" if d.late_step is None
+                    else f"<optimized embedding, optimized again from step {d.late_step}>",
                     reseed_seed=d.seed, image=name, error=d.error,
                 ))
     return rows

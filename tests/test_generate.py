@@ -106,6 +106,8 @@ def test_bad_input_is_one_line(tiny_vae_model_dir: Path, prompts: Path, tmp_path
         return result
 
     assert run("--guard", "nonsense").exit_code == 2
+    assert run("--guard", "block", "--optimize-late", "0.6").exit_code == 2  # only with --guard optimize
+    assert run("--guard", "optimize", "--optimize-late", "1.5").exit_code == 2
     missing = run(source=tmp_path / "none.csv")
     assert missing.exit_code == 4 and "no such file" in missing.stderr
     busy = tmp_path / "busy"
@@ -118,3 +120,19 @@ def test_bad_input_is_one_line(tiny_vae_model_dir: Path, prompts: Path, tmp_path
     # a model without a calibrated threshold cannot guard: one line naming the fix
     nothreshold = run("--guard", "block", out=tmp_path / "y")
     assert nothreshold.exit_code == 2 and "pass --threshold" in nothreshold.stderr
+
+
+def test_optimize_late_reaches_the_guard_and_the_log(tiny_vae_model_dir: Path, prompts: Path, tmp_path: Path):
+    warned = tmp_path / "warn"
+    assert _run(tiny_vae_model_dir, prompts, warned, "--guard", "warn", "--threshold", "1e9").exit_code == 0
+    scores = pd.read_parquet(warned / "decisions.parquet").groupby("prompt")["score_before"].mean()
+    threshold = f"{scores.max() - 0.05 * (scores.max() - scores.min()):.6f}"  # the top prompt only, in reach
+    out = tmp_path / "gen"
+    result = _run(tiny_vae_model_dir, prompts, out, "--guard", "optimize", "--threshold", threshold,
+                  "--optimize-late", "0.5")
+    assert result.exit_code == 0, result.stderr
+    log = pd.read_parquet(out / "decisions.parquet")
+    optimized = log[log["action"] == "optimize"]
+    assert len(optimized) == 2 and optimized["image"].notna().all()
+    assert (optimized["prompt_used"] == "<optimized embedding, optimized again from step 1>").all()
+    assert json.loads((out / "settings.json").read_text())["optimize_late"] == 0.5
