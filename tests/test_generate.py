@@ -122,6 +122,7 @@ def test_bad_input_is_one_line(tiny_vae_model_dir: Path, prompts: Path, tmp_path
     assert nothreshold.exit_code == 2 and "pass --threshold" in nothreshold.stderr
 
 
+@pytest.mark.slow  # two generate runs; tests/test_guard.py covers the re-optimisation itself
 def test_optimize_late_reaches_the_guard_and_the_log(tiny_vae_model_dir: Path, prompts: Path, tmp_path: Path):
     warned = tmp_path / "warn"
     assert _run(tiny_vae_model_dir, prompts, warned, "--guard", "warn", "--threshold", "1e9").exit_code == 0
