@@ -475,8 +475,13 @@ class Guard:
                 t = int(pipeline.scheduler.timesteps[index])
                 for d in late:
                     rows = slice(d.index * k, (d.index + 1) * k)
-                    refined = self._refine_late(d, tensors["latents"][rows], t)
-                    d.late_step = index
+                    try:
+                        refined = self._refine_late(d, tensors["latents"][rows], t)
+                    except Exception as exc:  # noqa: BLE001 - one prompt's failure must not lose the batch
+                        reason = one_line(exc, with_type=True, limit=300)
+                        d.error = f"optimize_late failed, generated from the first embedding: {reason}"
+                        continue
+                    d.late_step, d.late_embedding = index, refined.cpu()
                     embeds[positive + rows.start : positive + rows.stop] = refined.to(embeds)
                 out["prompt_embeds"] = embeds
             if user is not None:

@@ -246,6 +246,7 @@ def test_optimize_late_refines_the_flagged_prompts_embedding_on_the_calls_own_la
                     callback_on_step_end=user_callback)
     d = late.prompts[top]
     assert d.flagged and d.generated and d.embedding is not None and d.late_step == 6
+    assert d.late_embedding is not None and d.late_embedding.shape == d.embedding.shape
     assert d.norm_fall is not None and 0 < d.norm_fall < 1
     assert d.late_norm_ratio is not None and d.late_norm_ratio <= d.norm_fall + 1e-6
     assert seen == list(range(steps))
@@ -270,3 +271,16 @@ def test_optimize_late_refusals_are_one_line(pipe):
     euler.scheduler = EulerDiscreteScheduler.from_config(euler.scheduler.config)
     with pytest.raises(UsageError, match="EulerDiscreteScheduler scales"):
         Guard(euler, _profile(), threshold=1.0, policy="optimize", optimize_late=0.6)
+
+
+def test_a_failing_late_refinement_keeps_the_batch(pipe, monkeypatch):
+    steps = 4
+    scores = [d.score_before for d in _guarded(Guard(pipe, _profile(), threshold=1e9), steps=steps).prompts]
+    top = int(np.argmax(scores))
+    guard = Guard(pipe, _profile(), threshold=max(s for i, s in enumerate(scores) if i != top) + 1e-3,
+                  policy="optimize", verify_noise=0, on_unresolved="generate", optimize_late=0.5)
+    monkeypatch.setattr(guard, "_refine_late", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    result = _guarded(guard, steps=steps)
+    d = result.prompts[top]
+    assert d.generated and d.late_step is None and "optimize_late failed" in d.error and "boom" in d.error
+    assert all(image is not None for image in result.images)
