@@ -351,6 +351,15 @@ def gap_threshold(chosen: float, scores: np.ndarray) -> float:
     return threshold
 
 
+def allowed_above(n: int, target_fpr: float, confidence: float) -> int | None:
+    """The most of n clean draws the threshold may leave above it: the largest m with
+    P(Binomial(n, α) <= m) <= 1 - confidence; None when even m = 0 does not qualify (too few)."""
+    from scipy.stats import binom
+
+    allowed = np.flatnonzero(binom.cdf(np.arange(n), n, target_fpr) <= 1 - confidence)
+    return int(allowed[-1]) if allowed.size else None
+
+
 def clean_threshold(
     clean_scores: np.ndarray, target_fpr: float, confidence: float = 0.9, *, others: np.ndarray | None = None,
     groups: np.ndarray | None = None,
@@ -363,8 +372,6 @@ def clean_threshold(
 
     With `groups` (one per clean score) the count is over groups: each group's largest clean score is
     one draw, n the number of groups, so exactly m groups have a member above the threshold."""
-    from scipy.stats import binom
-
     _check_target(target_fpr)
     if not 0 < confidence < 1:
         raise UsageError(f"confidence must be in (0, 1), got {confidence}")
@@ -374,10 +381,10 @@ def clean_threshold(
     n = ordered.size
     if n == 0:
         raise InputError("calibration needs known-clean (not memorized) prompts; got none")
-    allowed = np.flatnonzero(binom.cdf(np.arange(n), n, target_fpr) <= 1 - confidence)
-    above = int(allowed[-1]) if allowed.size else 0
+    allowed = allowed_above(n, target_fpr, confidence)
+    above = allowed or 0
     labelled = np.sort(clean) if others is None else np.r_[clean, np.asarray(others, dtype=np.float64)]
-    return gap_threshold(float(ordered[n - 1 - above]), labelled), bool(allowed.size)
+    return gap_threshold(float(ordered[n - 1 - above]), labelled), allowed is not None
 
 
 # Caption families found from the text (`--groups auto`): two prompts are in one family when their
@@ -632,16 +639,15 @@ def threshold_setter(
     rest = clean & (ids != ids[setter])
     if not rest.any():
         return None
-    tpr = float((scores[memorized] > np.float32(threshold)).mean())
     others = scores[memorized]
+    tpr = float((others > np.float32(threshold)).mean())
     without, _ = clean_threshold(scores[rest], target_fpr, confidence, others=others,
                                  groups=None if groups is None else ids[rest])
     gain = float((others > np.float32(without)).mean()) - tpr
     if gain < SETTER_TPR_GAIN:
         return None
     draws = int(np.unique(ids[clean]).size)
-    allowed = np.flatnonzero(binom.cdf(np.arange(draws), draws, target_fpr) <= 1 - confidence)
-    left_above = int(allowed[-1]) if allowed.size else 0  # clean draws the threshold leaves above it now
+    left_above = allowed_above(draws, target_fpr, confidence) or 0  # clean draws the threshold leaves above it now
     sizes = np.arange(draws, draws + 100_000)
     enough = sizes[binom.cdf(left_above + 1, sizes, target_fpr) <= 1 - confidence]
     unit = "prompts" if groups is None else "caption families"
