@@ -403,21 +403,8 @@ class Guard:
         d.embedding, d.prompt_used = result.embeds, None
         d.score_after, d.score_verified = result.score, result.verified
         d.steps, d.resolved = result.steps, result.resolved
-        if self.optimize_late is not None:
-            own = self.pipe.encode_prompt([prompt], self.model.device, 1, False)[0]
-            at_hi = [self._guidance_norm(noise, self.t_hi, e.to(self.model.device, self.model.dtype))
-                     for e in (result.embeds, own)]
-            d.norm_fall = at_hi[0] / at_hi[1] if at_hi[1] > 0 else None
-
-    def _guidance_norm(self, latents: torch.Tensor, t: int, embeds: torch.Tensor) -> float:
-        """Mean over `latents` of ||eps(x, t, embeds) - eps(x, t, "")||, as the score's norm reads it."""
-        rows = latents.shape[0]
-        steps = torch.full((rows,), int(t), device=self.model.device)
-        both = unet_prediction(self.model, latents.repeat(2, 1, 1, 1), steps.repeat(2),
-                               torch.cat([embeds.expand(rows, -1, -1), self._empty_embeds().expand(rows, -1, -1)]),
-                               self.method.v_convention)
-        cond, uncond = both.split(rows)
-        return float((cond - uncond).flatten(1).norm(dim=1).mean())
+        if self.optimize_late is not None and result.norm is not None and d.norm > 0:
+            d.norm_fall = result.norm / d.norm  # both the score's t_hi norm, mean over this call's samples
 
     def _refine_late(self, d: PromptDecision, latents: torch.Tensor, t: int) -> torch.Tensor:
         """The prompt's optimised embedding, optimised again (AdamW, BOS frozen, pulled back to itself) on

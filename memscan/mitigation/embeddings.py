@@ -43,6 +43,7 @@ class OptimisedEmbedding:
     norm_term: float | None = None  # w_norm * norm of `embeds`, and the most it may be (see optimise_embedding)
     norm_limit: float | None = None
     similarity: float | None = None  # cosine of `embeds` to the prompt's own embedding (positions after BOS)
+    norm: float | None = None  # the method's norm column of `embeds` on the scoring noise (None: it has none)
 
 
 def embedding_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -119,8 +120,9 @@ def optimise_embedding(
         step += 1
     with torch.no_grad():
         similarity = float(embedding_cosine(embeds.detach(), start))
+    norm = float(terms["norm"].sum().detach()) if "norm" in terms else None
     return OptimisedEmbedding(embeds.detach().cpu().contiguous(), value, step, passed, verified,
-                              norm_term, limit, similarity)
+                              norm_term, limit, similarity, norm)
 
 
 def save_embeddings(path: Path, embeddings: dict[str, torch.Tensor], facts: dict[str, Any]) -> None:
