@@ -818,6 +818,9 @@ def mitigate_cmd(
     emit_embeddings: Annotated[str | None, typer.Option("--emit-embeddings", help="Also optimise each prompt's embedding; save them here (safetensors, by prompt_id; a path or URL).")] = None,
     embedding_steps: Annotated[int, typer.Option("--embedding-steps", help="Most AdamW steps (lr 0.05) of the embedding optimisation.")] = 50,
     embedding_depth: Annotated[float, typer.Option("--embedding-depth", help="Aim the embedding this share of its starting gap under the target (0: just under), confirmed under the target on the independent bank.")] = 0.0,
+    embedding_late: Annotated[float | None, typer.Option("--embedding-late", help="Also save a late embedding per prompt, re-optimised on partly denoised latents at this share of the steps (e.g. 0.6) and used from there on (for models that settle copies late; see the README).")] = None,
+    generation_steps: Annotated[int, typer.Option("--generation-steps", help="With --embedding-late: the DDIM steps of the generation it is made for.")] = 50,
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale", help="With --embedding-late: the generation's classifier-free guidance.")] = 7.5,
     n_noise: NNoiseOption = None,
     seed: SeedOption = None,
     batch_size: BatchSizeOption = 16,
@@ -855,7 +858,8 @@ def mitigate_cmd(
             target=target, min_similarity=min_similarity, beam_width=beam_width, max_edits=max_edits,
             verify_noise=verify_noise, similarity=similarity, prefer=prefer, substitute_words=substitute_words,
             all_rows=all_rows, emit_embeddings=emit_embeddings, embedding_steps=embedding_steps,
-            embedding_depth=embedding_depth,
+            embedding_depth=embedding_depth, embedding_late=embedding_late, generation_steps=generation_steps,
+            guidance_scale=guidance_scale,
         )
         default = _default_output(input_path).name.removesuffix(".scores.parquet") + ".mitigated.parquet"
         output = output or default

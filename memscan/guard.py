@@ -407,47 +407,27 @@ class Guard:
             d.norm_fall = result.norm / d.norm  # both the score's t_hi norm, mean over this call's samples
 
     def _refine_late(self, d: PromptDecision, latents: torch.Tensor, t: int) -> torch.Tensor:
-        """The prompt's optimised embedding, optimised again (AdamW, BOS frozen, pulled back to itself) on
-        the call's own latents at step t until its guidance norm there falls by `d.norm_fall`, the factor
-        its optimisation took off the t_hi norm. On the demo and valid-v a copy is settled in the last
-        steps, which the first-step score reads only in part (benchmarks/embedding_handoff.py)."""
-        from memscan.mitigation.embeddings import embedding_cosine
+        """The prompt's optimised embedding, optimised again on the call's own latents at step t until its
+        guidance norm there falls by `d.norm_fall`, the factor its optimisation took off the t_hi norm
+        (`memscan.mitigation.late.refine_late`)."""
+        from memscan.mitigation.late import refine_late
 
-        model, rows = self.model, latents.shape[0]
-        lat = latents.to(model.device, model.dtype)
-        steps = torch.full((rows,), int(t), device=model.device)
         assert d.embedding is not None and d.norm_fall is not None
-        base = d.embedding.to(model.device).float()
-        with _frozen(self.pipe.unet, self.pipe.text_encoder), torch.inference_mode(False), torch.enable_grad():
-            uncond = unet_prediction(model, lat, steps, self._empty_embeds().expand(rows, -1, -1),
-                                     self.method.v_convention).detach()
-            start = None
-            rest = base[:, 1:].clone().requires_grad_(True)
-            optimiser = torch.optim.AdamW([rest], lr=self.optimize_lr)
-            for step in range(self.optimize_steps + 1):
-                embeds = torch.cat([base[:, :1], rest], dim=1)
-                cond = unet_prediction(model, lat, steps, embeds.to(model.dtype).expand(rows, -1, -1),
-                                       self.method.v_convention)
-                norm = (cond - uncond).flatten(1).norm(dim=1).mean()
-                value = float(norm.detach())
-                start = value if start is None else start
-                if value <= d.norm_fall * start or step == self.optimize_steps:
-                    break
-                loss = norm + start * (1.0 - embedding_cosine(embeds, base))
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-        d.late_norm_ratio = value / start if start else None
-        return embeds.detach()
+        with _frozen(self.pipe.unet, self.pipe.text_encoder):
+            refined, d.late_norm_ratio = refine_late(
+                self.model, d.embedding, latents, t, d.norm_fall, self._empty_embeds(), steps=self.optimize_steps,
+                lr=self.optimize_lr, v_convention=self.method.v_convention)
+        return refined
 
     def _with_late_callback(self, late: list[PromptDecision], k: int, n_prompts: int,
                             pipe_kwargs: dict[str, Any]) -> dict[str, Any]:
-        """`pipe_kwargs` with a step-end callback that, at step round(optimize_late * steps), swaps each
+        """`pipe_kwargs` with a step-end callback that, at step `late_index(optimize_late, steps)`, swaps each
         optimised prompt's rows of the conditional embeddings for `_refine_late`'s (the caller's own
         callback, if any, runs after it on what it returns)."""
+        from memscan.mitigation.late import late_index
+
         kwargs = dict(pipe_kwargs)
-        n_steps = int(kwargs.get("num_inference_steps", 50))
-        index = min(max(round(self.optimize_late * n_steps), 1), n_steps - 1)
+        index = late_index(self.optimize_late, int(kwargs.get("num_inference_steps", 50)))
         user, user_inputs = kwargs.pop("callback_on_step_end", None), kwargs.pop("callback_on_step_end_tensor_inputs",
                                                                                   ["latents"])
         if user is not None and not callable(user):

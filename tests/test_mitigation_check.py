@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from memscan.errors import EXIT_INPUT
+from memscan.errors import EXIT_INPUT, UsageError
 from memscan.mitigation.attributes import ATTRIBUTES, AttributeReader, agreement, decoded_renders
 from memscan.mitigation.check import CheckSettings, generate_from_embeddings, summarize_check
 
@@ -104,6 +104,10 @@ def test_summary_counts() -> None:
     assert out["embedding_under_target_of_flagged"] == pytest.approx(2 / 3, abs=1e-4)
     assert out["embedding_verified_under_target_of_flagged"] == pytest.approx(1 / 3, abs=1e-4)  # 0.7 is not
     assert out["embedding_prompts_no_longer_copying"] == pytest.approx(2 / 3, abs=1e-4)
+    assert "embedding_first_only_prompts_no_longer_copying" not in out  # no late embeddings
+    table["embedding_first_only_copy"] = [1.0, 0.0, 1.0, np.nan]
+    out = summarize_check(table, non, target=0.5)
+    assert out["embedding_first_only_prompts_no_longer_copying"] == pytest.approx(1 / 3, abs=1e-4)
     assert out["description_only_attribute_agreement_ratio"] == 0.5
 
 
@@ -120,14 +124,20 @@ def test_check_on_the_shipped_demo_model(tmp_path) -> None:
     memorized = prompts["label"] == "memorized"
     sample = pd.concat([prompts[memorized].iloc[[0, 30]], prompts[~memorized].head(1)])
     sample.to_csv(tmp_path / "p.csv", index=False)
-    settings = MitigateSettings(max_edits=2, n_triggers=3, emit_embeddings=tmp_path / "e.safetensors")
+    settings = MitigateSettings(max_edits=2, n_triggers=3, emit_embeddings=tmp_path / "e.safetensors",
+                                embedding_late=0.6, generation_steps=5)
     mitigate(tmp_path / "p.csv", tmp_path / "m.parquet", settings)
     table, summary = check_mitigation(
         tmp_path / "m.parquet", "demo", CheckSettings(n_per_prompt=1, steps=5, reader_renders=300),
         embeddings=tmp_path / "e.safetensors",
     )
     assert len(table) == 2 and summary["memorized"] == 2 and summary["not_memorized"] == 1
-    assert table[["copy_before", "copy_after", "agree_before", "embedding_copy"]].notna().all().all()
+    assert table[["copy_before", "copy_after", "agree_before", "embedding_copy",
+                  "embedding_first_only_copy"]].notna().all().all()
+    assert "embedding_first_only_prompts_no_longer_copying" in summary
+    with pytest.raises(UsageError, match="made for 5 steps"):  # late embeddings hold for their own generation
+        check_mitigation(tmp_path / "m.parquet", "demo", CheckSettings(n_per_prompt=1, steps=6, reader_renders=300),
+                         embeddings=tmp_path / "e.safetensors")
     assert set(summary["reader_accuracy_on_decoded_renders"]) == set(ATTRIBUTES)
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from memscan.errors import InputError, MemscanError, one_line
+from memscan.errors import InputError, MemscanError, UsageError, one_line
 from memscan.io.scores import read_scores
 from memscan.mitigation.attributes import (
     ATTRIBUTES,
@@ -77,17 +77,26 @@ class CheckSettings(GenerationCheck):
 
 
 @torch.no_grad()
-def generate_from_embeddings(pipe: Any, embeds: torch.Tensor, settings: CheckSettings) -> np.ndarray:
+def generate_from_embeddings(
+    pipe: Any, embeds: torch.Tensor, settings: CheckSettings, late: torch.Tensor | None = None, late_index: int = 0,
+) -> np.ndarray:
     """(P, n, 3, H, W) images from (P, 77, hidden) prompt embeddings, seeded batch by batch exactly
-    as `memscan.demo.verify.generate` seeds text prompts, so both see the same initial noise."""
+    as `memscan.demo.verify.generate` seeds text prompts, so both see the same initial noise; with
+    `late` (P, 77, hidden), those from step `late_index` on (`memscan.mitigation.late.late_callback`)."""
+    from memscan.mitigation.late import late_callback
+
     n = settings.n_per_prompt
     expanded = embeds.repeat_interleave(n, dim=0)
+    late_rows = None if late is None else late.repeat_interleave(n, dim=0)
     out = []
     for i in range(0, len(expanded), settings.batch_size):
+        swap = {} if late_rows is None else {
+            "callback_on_step_end": late_callback(late_rows[i : i + settings.batch_size], late_index),
+            "callback_on_step_end_tensor_inputs": ["prompt_embeds"]}
         result = pipe(
             prompt_embeds=expanded[i : i + settings.batch_size].to(pipe.device, pipe.unet.dtype),
             num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-            generator=torch.Generator().manual_seed(settings.gen_seed + i), output_type="np",
+            generator=torch.Generator().manual_seed(settings.gen_seed + i), output_type="np", **swap,
         )
         out.append(result.images.transpose(0, 3, 1, 2))
     images = np.concatenate(out).astype(np.float32)
@@ -166,7 +175,7 @@ def check_mitigation(
     `design`: the world the model was trained on (demo, or valid-v)."""
     from memscan.demo.train import design_module
     from memscan.demo.verify import copy_cutoffs, copy_table, generate, reference_images, vae_roundtrip
-    from memscan.mitigation.embeddings import load_embeddings
+    from memscan.mitigation.embeddings import load_embeddings, load_late_embeddings
     from memscan.models.loading import load_model
 
     settings = settings or CheckSettings()
@@ -210,17 +219,37 @@ def check_mitigation(
         for column in ("embedding_score", "embedding_score_verified"):
             table[column] = mem.get(column, pd.Series(np.nan, index=mem.index))
         table["embedding_copy"] = table["embedding_agree"] = table["embedding_agree_all"] = np.nan
+        late, made_for = load_late_embeddings(Path(embeddings))
+        if late:
+            _check_late_settings(made_for, settings)
+            has = has & mem["prompt_id"].isin(list(late)).to_numpy()
         if has.any():
-            stacked = torch.cat([saved[i] for i in mem.loc[has, "prompt_id"]])
-            images = generate_from_embeddings(pipe, stacked, settings)
+            ids = mem.loc[has, "prompt_id"]
+            stacked = torch.cat([saved[i] for i in ids])
             asked = [w for w, h in zip(wanted, has, strict=True) if h]
-            copies, agree, agree_all = measure(images, mem[has].reset_index(drop=True), asked)
+            kept = mem[has].reset_index(drop=True)
+            schedule = {} if not late else {"late": torch.cat([late[i] for i in ids]),
+                                            "late_index": int(made_for["late_index"])}
+            images = generate_from_embeddings(pipe, stacked, settings, **schedule)
+            copies, agree, agree_all = measure(images, kept, asked)
             table.loc[has, "embedding_copy"], table.loc[has, "embedding_agree"] = copies, agree
             table.loc[has, "embedding_agree_all"] = agree_all
+            if late:  # the first embedding alone, as a plain `prompt_embeds=` user generates it
+                table["embedding_first_only_copy"] = np.nan
+                table.loc[has, "embedding_first_only_copy"] = measure(
+                    generate_from_embeddings(pipe, stacked, settings), kept, asked)[0]
     summary = {"design": design, **summarize_check(table, non, target), **content.facts}
     summary["checked_attributes"] = {group: list(keys) for group, keys in content.checked.items()}
     summary["settings"] = settings.__dict__
     return table, summary
+
+
+def _check_late_settings(made_for: dict[str, Any], settings: CheckSettings) -> None:
+    """Late embeddings hold for the generation they were made for: refuse a check that generates otherwise."""
+    wanted = (int(made_for.get("num_inference_steps", -1)), float(made_for.get("guidance_scale", -1)))
+    if wanted != (settings.steps, settings.guidance):
+        raise UsageError(f"the late embeddings were made for {wanted[0]} steps at guidance {wanted[1]}; the check "
+                         f"generates {settings.steps} steps at guidance {settings.guidance}")
 
 
 def summarize_check(table: pd.DataFrame, non: pd.DataFrame, target: float) -> dict[str, Any]:
@@ -272,6 +301,8 @@ def summarize_check(table: pd.DataFrame, non: pd.DataFrame, target: float) -> di
         out["embedding_generation_copy_rate_before"] = share(emb["copy_before"])
         out["embedding_generation_copy_rate_after"] = share(emb["embedding_copy"])
         out["embedding_prompts_no_longer_copying"] = share(emb["embedding_copy"] <= 0.5)
+        if "embedding_first_only_copy" in emb:  # late embeddings: the first one alone, for comparison
+            out["embedding_first_only_prompts_no_longer_copying"] = share(emb["embedding_first_only_copy"] <= 0.5)
         out["embedding_attribute_agreement_before"] = share(emb["agree_before"])
         out["embedding_attribute_agreement_after"] = share(emb["embedding_agree"])
         out["embedding_attribute_agreement_ratio"] = _ratio(emb, "embedding_agree")

@@ -44,6 +44,14 @@ class OptimisedEmbedding:
     norm_limit: float | None = None
     similarity: float | None = None  # cosine of `embeds` to the prompt's own embedding (positions after BOS)
     norm: float | None = None  # the method's norm column of `embeds` on the scoring noise (None: it has none)
+    start_norm: float | None = None  # ... and of the prompt's own embedding
+
+    @property
+    def norm_fall(self) -> float | None:
+        """The factor the optimisation took off the norm on the scoring noise (what a late step must match)."""
+        if self.norm is None or not self.start_norm:
+            return None
+        return self.norm / self.start_norm
 
 
 def embedding_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -120,9 +128,10 @@ def optimise_embedding(
         step += 1
     with torch.no_grad():
         similarity = float(embedding_cosine(embeds.detach(), start))
-    norm = float(terms["norm"].sum().detach()) if "norm" in terms else None
+    norm, start_norm = ((float(terms["norm"].sum().detach()), float(first["norm"].sum()))
+                        if "norm" in terms else (None, None))
     return OptimisedEmbedding(embeds.detach().cpu().contiguous(), value, step, passed, verified,
-                              norm_term, limit, similarity, norm)
+                              norm_term, limit, similarity, norm, start_norm)
 
 
 def save_embeddings(path: Path, embeddings: dict[str, torch.Tensor], facts: dict[str, Any]) -> None:
@@ -135,7 +144,31 @@ def save_embeddings(path: Path, embeddings: dict[str, torch.Tensor], facts: dict
 
 
 def load_embeddings(path: Path) -> dict[str, torch.Tensor]:
-    """{prompt_id: (1, 77, hidden)} as saved by `save_embeddings`; pass one as `prompt_embeds=`."""
+    """{prompt_id: (1, 77, hidden)} as saved by `save_embeddings`; pass one as `prompt_embeds=`
+    (late embeddings, when the file has them, come from `load_late_embeddings`)."""
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    from memscan.mitigation.late import LATE_PREFIX
+
+    return {key: value for key, value in load_file(str(path)).items() if not key.startswith(LATE_PREFIX)}
+
+
+def embedding_facts(path: Path) -> dict[str, Any]:
+    """The facts `save_embeddings` wrote as metadata ({} when none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    return json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else {}
+
+
+def load_late_embeddings(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """({prompt_id: (1, 77, hidden)} late embeddings, and the generation they were made for: facts
+    `late_index`, `num_inference_steps`, `guidance_scale`); ({}, {}) for a file without them.
+    Generate with `prompt_embeds=` the first embedding and `memscan.mitigation.late.late_callback`."""
+    from safetensors.torch import load_file
+
+    from memscan.mitigation.late import LATE_PREFIX
+
+    late = {key[len(LATE_PREFIX):]: value for key, value in load_file(str(path)).items() if key.startswith(LATE_PREFIX)}
+    return (late, embedding_facts(path).get("late", {})) if late else ({}, {})

@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 # per-shard counts beyond detect's (rows, ok = scored, skipped_empty, failed_rows, flagged = above target)
 COUNTS = ("written", "rewritten", "unresolved", "not_flagged", "seconds_search")
 # settings that only concern --emit-embeddings, which run directories do not write
-_NOT_RECORDED = ("detect", "emit_embeddings", "embedding_steps", "embedding_lr", "embedding_depth")
+_NOT_RECORDED = ("detect", "emit_embeddings", "embedding_steps", "embedding_lr", "embedding_depth", "embedding_late",
+                 "generation_steps", "guidance_scale", "late_noise")
 
 
 def search_fields(settings: MitigateSettings) -> dict[str, Any]:

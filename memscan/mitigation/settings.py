@@ -41,6 +41,10 @@ class MitigateSettings:
     embedding_steps: int = 50
     embedding_lr: float = 0.05
     embedding_depth: float = 0.0  # aim this share of the starting gap under the target (optimise_embedding)
+    embedding_late: float | None = None  # also a late embedding, used from this share of the steps (mitigation.late)
+    generation_steps: int = 50  # the DDIM generation a late embedding is made for: steps ...
+    guidance_scale: float = 7.5  # ... and classifier-free guidance
+    late_noise: int = 4  # trajectories (independent noise) a late embedding is optimised on
 
     def __post_init__(self) -> None:
         if self.similarity is not None:
@@ -56,6 +60,13 @@ class MitigateSettings:
             raise UsageError("--substitutes, --embedding-steps and --verify-noise must be >= 0")
         if self.embedding_depth < 0:
             raise UsageError(f"--embedding-depth must be >= 0, got {self.embedding_depth}")
+        if self.embedding_late is not None:
+            if not 0 < self.embedding_late < 1:
+                raise UsageError(f"--embedding-late must be a share of the steps in (0, 1), got {self.embedding_late}")
+            if self.emit_embeddings is None:
+                raise UsageError("--embedding-late needs --emit-embeddings (the late embeddings are saved beside them)")
+        if self.generation_steps < 2 or self.late_noise < 1 or self.guidance_scale < 0:
+            raise UsageError("--generation-steps must be >= 2, --late-noise >= 1 and --guidance-scale >= 0")
         if self.embedding_lr <= 0:
             raise UsageError(f"--embedding-lr must be > 0, got {self.embedding_lr}")
         if not self.substitute_words.strip():

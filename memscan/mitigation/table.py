@@ -71,8 +71,9 @@ def read_detect_range(path: Path, start: int, stop: int, *, all_rows: bool) -> p
     return frame[["prompt_id", "prompt"]].reset_index(drop=True)
 
 
-def output_schema(*, embeddings: bool) -> pa.Schema:
-    """prompt_id, prompt, rewritten, scores (search and verifier noise), similarity, triggers, edits, status."""
+def output_schema(*, embeddings: bool, late: bool = False) -> pa.Schema:
+    """prompt_id, prompt, rewritten, scores (search and verifier noise), similarity, triggers, edits, status
+    (then the embedding columns, and with `late` the late embedding's guidance norm ratio)."""
     fields = [
         pa.field("prompt_id", pa.string(), nullable=False),
         pa.field("prompt", pa.string()),
@@ -89,4 +90,6 @@ def output_schema(*, embeddings: bool) -> pa.Schema:
         fields += [pa.field("embedding_score", pa.float32()), pa.field("embedding_score_verified", pa.float32()),
                    pa.field("embedding_steps", pa.int32()), pa.field("embedding_similarity", pa.float32()),
                    pa.field("embedding_resolved", pa.bool_())]
+    if embeddings and late:
+        fields.append(pa.field("embedding_late_norm_ratio", pa.float32()))
     return pa.schema(fields)
