@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from memscan import __version__
 from memscan.io.scores import STATUS_NONFINITE, STATUS_SKIPPED_EMPTY, to_table, write_scores
@@ -24,7 +23,7 @@ from memscan.mitigation.attribution import attribute
 from memscan.mitigation.differentiable import DifferentiableScore
 from memscan.mitigation.edits import EditSpace
 from memscan.mitigation.embeddings import load_embeddings, optimise_embedding, save_embeddings
-from memscan.mitigation.late import LATE_PREFIX, LATE_SEED_OFFSET, denoise_to, late_index, refine_late
+from memscan.mitigation.late import LATE_PREFIX, LateRefiner, late_facts
 from memscan.mitigation.neighbours import TokenNeighbours
 from memscan.mitigation.search import RewriteSearch, SearchSettings
 from memscan.mitigation.settings import MitigateSettings, no_target_error
@@ -235,41 +234,6 @@ def emit_embeddings(
             embeds[LATE_PREFIX + key], ratio = late.refine(result.embeds, result.norm_fall)
             rows.at[i, "embedding_late_norm_ratio"] = np.nan if ratio is None else ratio
     return embeds, round(time.perf_counter() - started, 3)
-
-
-def late_facts(settings: MitigateSettings) -> dict[str, Any]:
-    """What a late embedding was made for; `load_late_embeddings` returns it and the check keeps to it."""
-    assert settings.embedding_late is not None
-    index = late_index(settings.embedding_late, settings.generation_steps)
-    return {"share": settings.embedding_late, "late_index": index, "num_inference_steps": settings.generation_steps,
-            "guidance_scale": settings.guidance_scale, "scheduler": "DDIM", "late_noise": settings.late_noise}
-
-
-class LateRefiner:
-    """Late embeddings offline: each optimised embedding's own DDIM trajectories from an independent
-    noise bank (`late_noise` samples), then `refine_late` on their latents at the late step."""
-
-    def __init__(self, scorer: Scorer, settings: MitigateSettings) -> None:
-        from memscan.models.noise import noise_bank
-        from memscan.models.text import encode_prompts
-
-        assert settings.embedding_late is not None
-        self.model, self.settings = scorer.model, settings
-        self.v_convention = getattr(scorer.method, "v_convention", "epsilon")
-        self.index = late_index(settings.embedding_late, settings.generation_steps)
-        self.noise = noise_bank(settings.late_noise, tuple(scorer.noise.shape[1:]), scorer.seed + LATE_SEED_OFFSET,
-                                device=self.model.device, dtype=self.model.dtype)
-        with torch.no_grad():
-            self.empty = encode_prompts(self.model, [""])
-
-    def refine(self, embeds: torch.Tensor, fall: float) -> tuple[torch.Tensor, float | None]:
-        """(the late embedding (1, 77, hidden) on the CPU, its guidance norm ratio at the late step)."""
-        s = self.settings
-        latents, t = denoise_to(self.model, embeds, self.empty, self.noise, n_steps=s.generation_steps,
-                                index=self.index, guidance=s.guidance_scale)
-        refined, ratio = refine_late(self.model, embeds, latents, t, fall, self.empty, steps=s.embedding_steps,
-                                     lr=s.embedding_lr, v_convention=self.v_convention)
-        return refined.to(self.model.dtype).cpu().contiguous(), ratio
 
 
 def summarize(rows: pd.DataFrame, *, target: float) -> dict[str, Any]:

@@ -13,12 +13,16 @@ trajectories of an independent noise bank, and `late_callback` swaps the result 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from memscan.methods.anisotropy import unet_prediction
 from memscan.models.loading import ScoringModel
+
+if TYPE_CHECKING:
+    from memscan.mitigation.settings import MitigateSettings
+    from memscan.scorer import Scorer
 
 LATE_PREFIX = "late:"  # safetensors key of a prompt's late embedding, beside its first one
 LATE_SEED_OFFSET = 4243  # the offline trajectories' noise bank: independent of the scoring and verifier banks
@@ -106,3 +110,38 @@ def late_callback(
         return out
 
     return swap
+
+
+def late_facts(settings: MitigateSettings) -> dict[str, Any]:
+    """What a late embedding was made for; `load_late_embeddings` returns it and the check keeps to it."""
+    assert settings.embedding_late is not None
+    index = late_index(settings.embedding_late, settings.generation_steps)
+    return {"share": settings.embedding_late, "late_index": index, "num_inference_steps": settings.generation_steps,
+            "guidance_scale": settings.guidance_scale, "scheduler": "DDIM", "late_noise": settings.late_noise}
+
+
+class LateRefiner:
+    """Late embeddings offline: each optimised embedding's own DDIM trajectories from an independent
+    noise bank (`late_noise` samples), then `refine_late` on their latents at the late step."""
+
+    def __init__(self, scorer: Scorer, settings: MitigateSettings) -> None:
+        from memscan.models.noise import noise_bank
+        from memscan.models.text import encode_prompts
+
+        assert settings.embedding_late is not None
+        self.model, self.settings = scorer.model, settings
+        self.v_convention = getattr(scorer.method, "v_convention", "epsilon")
+        self.index = late_index(settings.embedding_late, settings.generation_steps)
+        self.noise = noise_bank(settings.late_noise, tuple(scorer.noise.shape[1:]), scorer.seed + LATE_SEED_OFFSET,
+                                device=self.model.device, dtype=self.model.dtype)
+        with torch.no_grad():
+            self.empty = encode_prompts(self.model, [""])
+
+    def refine(self, embeds: torch.Tensor, fall: float) -> tuple[torch.Tensor, float | None]:
+        """(the late embedding (1, 77, hidden) on the CPU, its guidance norm ratio at the late step)."""
+        s = self.settings
+        latents, t = denoise_to(self.model, embeds, self.empty, self.noise, n_steps=s.generation_steps,
+                                index=self.index, guidance=s.guidance_scale)
+        refined, ratio = refine_late(self.model, embeds, latents, t, fall, self.empty, steps=s.embedding_steps,
+                                     lr=s.embedding_lr, v_convention=self.v_convention)
+        return refined.to(self.model.dtype).cpu().contiguous(), ratio
