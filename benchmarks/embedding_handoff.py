@@ -33,6 +33,7 @@ def main() -> None:
     from memscan.io.scores import read_scores
     from memscan.mitigation.check import LABEL_COLUMNS, CheckSettings, agreements, content_for
     from memscan.mitigation.embeddings import load_embeddings
+    from memscan.mitigation.late import late_callback
     from memscan.models.loading import load_model
     from memscan.models.text import encode_prompts
 
@@ -78,17 +79,11 @@ def main() -> None:
         out = []
         for i in range(0, len(a), settings.batch_size):
             head, tail = a[i : i + settings.batch_size], b[i : i + settings.batch_size]
-
-            def hand_over(_pipe, step, _t, tensors, tail=tail):  # prompt_embeds is [negative, positive]
-                if step != k - 1:
-                    return {}
-                embeds = tensors["prompt_embeds"]
-                return {"prompt_embeds": torch.cat([embeds[: len(tail)], tail.to(embeds)])}
-
             result = pipe(prompt_embeds=head if k > 0 else tail, num_inference_steps=settings.steps,
                           guidance_scale=settings.guidance, output_type="np",
                           generator=torch.Generator().manual_seed(settings.gen_seed + i),
-                          callback_on_step_end=hand_over, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+                          callback_on_step_end=late_callback(tail, k),
+                          callback_on_step_end_tensor_inputs=["prompt_embeds"])
             out.append(result.images.transpose(0, 3, 1, 2))
         images = np.concatenate(out).astype(np.float32)
         return images.reshape(len(mem), n, *images.shape[1:])

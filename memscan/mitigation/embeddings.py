@@ -158,7 +158,12 @@ def embedding_facts(path: Path) -> dict[str, Any]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+        return _facts(f)
+
+
+def _facts(handle: Any) -> dict[str, Any]:
+    """The facts in an open safetensors file's metadata ({} when none)."""
+    metadata = handle.metadata() or {}
     return json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else {}
 
 
@@ -166,9 +171,11 @@ def load_late_embeddings(path: Path) -> tuple[dict[str, torch.Tensor], dict[str,
     """({prompt_id: (1, 77, hidden)} late embeddings, and the generation they were made for: facts
     `late_index`, `num_inference_steps`, `guidance_scale`); ({}, {}) for a file without them.
     Generate with `prompt_embeds=` the first embedding and `memscan.mitigation.late.late_callback`."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     from memscan.mitigation.late import LATE_PREFIX
 
-    late = {key[len(LATE_PREFIX):]: value for key, value in load_file(str(path)).items() if key.startswith(LATE_PREFIX)}
-    return (late, embedding_facts(path).get("late", {})) if late else ({}, {})
+    with safe_open(str(path), framework="pt") as f:  # one read: the late tensors and the metadata, not the rest
+        late = {key[len(LATE_PREFIX):]: f.get_tensor(key) for key in f.keys() if key.startswith(LATE_PREFIX)}
+        made_for = _facts(f).get("late", {})
+    return (late, made_for) if late else ({}, {})

@@ -66,7 +66,8 @@ class MitigateSettings:
             if self.emit_embeddings is None:
                 raise UsageError("--embedding-late needs --emit-embeddings (the late embeddings are saved beside them)")
         if self.generation_steps < 2 or self.late_noise < 1 or self.guidance_scale < 0:
-            raise UsageError("--generation-steps must be >= 2, --late-noise >= 1 and --guidance-scale >= 0")
+            raise UsageError(f"--generation-steps must be >= 2 and --guidance-scale >= 0 (and late_noise >= 1), got "
+                             f"{self.generation_steps}, {self.guidance_scale} and {self.late_noise}")
         if self.embedding_lr <= 0:
             raise UsageError(f"--embedding-lr must be > 0, got {self.embedding_lr}")
         if not self.substitute_words.strip():
